@@ -1,0 +1,33 @@
+"""Certify an ImageNet classifier with multi-scale diffusion denoised smoothing on a Ray cluster.
+
+Data: an ImageNet-style class-folder tree (val/<wnid>/*.JPEG; labels = index of the sorted folder
+names) or a Parquet of encoded image bytes, resized to 256 and center-cropped to 224 (the certified
+input space). Denoiser: a diffusers directory, e.g. OpenAI's 256x256_diffusion_uncond.pt converted
+with jobs/convert_guided_diffusion.py --preset imagenet256-uncond. Classifier: a timm model name with
+a local or fsspec weights file, or a TorchScript file. One GPU per model actor when the cluster has GPUs.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/certify_imagenet.py \\
+        --data s3://BUCKET/imagenet/val --denoiser s3://BUCKET/models/imagenet256 \\
+        --classifier beit_large_patch16_512 --classifier-weights s3://BUCKET/models/beit.safetensors \\
+        --out s3://BUCKET/mdds/runs/imagenet
+"""
+
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # `python jobs/certify_imagenet.py` from a checkout without `pip install -e .`
+
+from pipeline.certify import certify  # noqa: E402
+from pipeline.certify_cli import build_parser, request_from_args  # noqa: E402
+from pipeline.cli import run_main  # noqa: E402
+
+
+def main() -> None:
+    parser = build_parser("imagenet", __doc__.strip())
+    print(certify(request_from_args(parser.parse_args())))
+
+
+if __name__ == "__main__":
+    run_main(main)

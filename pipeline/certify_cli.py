@@ -1,0 +1,141 @@
+"""Command-line interface shared by jobs/certify.py and jobs/certify_imagenet.py."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.cascade import ALPHA_MODES
+from pipeline.certify import CertifyRequest
+from pipeline.fused import default_device
+from pipeline.presets import PRESETS, get_preset, parse_sigmas
+from pipeline.run import ExecutionConfig, SamplingConfig
+from pipeline.workload import DataOptions, ModelOptions
+
+EPILOG = """\
+outputs (OUT):
+  counts/part-*.parquet  one row per (image_id, sigma): select_counts, estimate_counts (resumable shards)
+  results.parquet        image_id, label, prediction (-1 = abstain), radius, sigma (deciding scale), correct
+  report.md, certified_accuracy.png, run_config.json
+
+query:  duckdb -c "SELECT avg(correct::INT) FROM 'OUT/results.parquet' WHERE radius >= 0.5"
+"""
+
+
+def preset_defaults() -> str:
+    """The presets' values as a table for --help: what a run certifies when no flag overrides them."""
+    lines = ["preset defaults (each can be overridden by its flag):"]
+    for p in PRESETS.values():
+        images = "all" if p.num_images is None else str(p.num_images)
+        lines.append(f"  {p.name:<9} --sigmas {','.join(f'{s:g}' for s in p.sigmas)}  --n-select {p.n_select}  "
+                     f"--n {p.n}  --alpha {p.alpha:g}  --skip {p.skip}  --num-images {images}  "
+                     f"--batch-size {p.batch_size}  ({p.num_classes} classes)")
+    return "\n".join(lines)
+
+
+def build_parser(default_preset: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=preset_defaults() + "\n\n" + EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=default_preset,
+                        help="named defaults: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+                        + f" (default: {default_preset})")
+    parser.add_argument("--out", default=None, help="output directory or fsspec URL (s3://, gs://); "
+                        "default: outputs/<preset>")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out, skipping every (image, sigma) already on disk")
+    stats = parser.add_argument_group("certification")
+    stats.add_argument("--sigmas", help="comma-separated noise scales, e.g. 1.0,0.5,0.25 (preset default)")
+    stats.add_argument("--n-select", type=int, help="selection samples per image and scale (N0)")
+    stats.add_argument("--n", type=int, help="estimation samples per image and scale (N)")
+    stats.add_argument("--alpha", type=float, help="failure probability of the certificate")
+    stats.add_argument("--alpha-mode", choices=ALPHA_MODES, default="union",
+                       help="union: alpha split so all certificates hold jointly (default); "
+                            "reference: alpha/k at stage k as the published code")
+    stats.add_argument("--p0", type=float, default=0.5, help="probability threshold (default 0.5)")
+    stats.add_argument("--all-scales", action="store_true",
+                       help="sample every scale for every image (single-scale baselines in the report) "
+                            "instead of early exit")
+    stats.add_argument("--seed", type=int, default=0, help="noise seed; counts depend only on it, not on batching")
+    data = parser.add_argument_group("data and models")
+    data.add_argument("--data", help="dataset location (cifar10: cifar-10-batches-py dir; imagenet: class-folder "
+                      "tree or Parquet of image bytes; local path or fsspec URL)")
+    data.add_argument("--num-images", type=int, help="certify at most this many images (after --skip)")
+    data.add_argument("--skip", type=int, help="certify every k-th image (preset default)")
+    data.add_argument("--start", type=int, default=0, help="first image index")
+    data.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                      help="unreadable image files: fail, or skip with a warning and list them in the report")
+    data.add_argument("--denoiser", help="diffusers UNet2DModel + DDPMScheduler directory, local or fsspec URL "
+                      "(guided-diffusion .pt checkpoints: convert with jobs/convert_guided_diffusion.py; digits: "
+                      "default the cached embedded model, or e.g. a fine-tuned one from jobs/finetune_diffusion.py)")
+    data.add_argument("--classifier", help="timm model name (with --classifier-weights; input size and "
+                      "normalization from timm's data config) or a TorchScript .pt/.ts/.jit file that takes "
+                      "[0,1] images and returns one logit per class")
+    data.add_argument("--classifier-weights", help="timm classifier weights (.safetensors or torch state dict), "
+                      "local or fsspec URL")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, help="samples per fused forward pass (preset default)")
+    run.add_argument("--images-per-batch", type=int, default=8, help="images per Ray Data batch (default 8)")
+    run.add_argument("--num-actors", type=int, default=None,
+                     help="parallel model copies (default: number of GPUs, or 1 on CPU)")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> CertifyRequest:
+    preset = get_preset(args.preset)
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
+    use_gpu = default_device().type == "cuda" or _cluster_has_gpus()
+    num_actors = args.num_actors if args.num_actors is not None else max(1, _cluster_gpus()) if use_gpu else 1
+    if num_actors < 1:
+        from pipeline.errors import UserError
+
+        raise UserError(f"--num-actors must be >= 1, got {num_actors}")
+    return CertifyRequest(
+        preset=preset,
+        sampling=SamplingConfig(
+            sigmas=sigmas,
+            n_select=args.n_select if args.n_select is not None else preset.n_select,
+            n=args.n if args.n is not None else preset.n,
+            seed=args.seed,
+            alpha=args.alpha if args.alpha is not None else preset.alpha,
+            alpha_mode=args.alpha_mode,
+            p0=args.p0,
+            all_scales=args.all_scales,
+        ),
+        execution=ExecutionConfig(
+            num_actors=num_actors,
+            images_per_batch=args.images_per_batch,
+            samples_per_forward=args.batch_size if args.batch_size is not None else preset.batch_size,
+            use_gpu=use_gpu,
+        ),
+        data=DataOptions(
+            data=args.data,
+            num_images=args.num_images if args.num_images is not None else preset.num_images,
+            skip=args.skip if args.skip is not None else preset.skip,
+            start=args.start,
+            on_bad_image=args.on_bad_image,
+        ),
+        models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights),
+        out=args.out or f"outputs/{preset.name}",
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
+
+
+def _cluster_gpus() -> int:
+    """GPUs in the cluster this job joins (0 before Ray starts or without a cluster)."""
+    import os
+
+    if not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        return torch.cuda.device_count()
+    import ray
+
+    from pipeline.cli import init_ray
+
+    init_ray()
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _cluster_has_gpus() -> bool:
+    return _cluster_gpus() > 0

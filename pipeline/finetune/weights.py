@@ -1,0 +1,125 @@
+"""What is trained (the whole UNet, or LoRA adapters on it), how it is checkpointed, and the export.
+
+A checkpoint directory holds three files:
+  weights.safetensors  the trained tensors: the full UNet state, or only the LoRA adapter tensors
+                       (the base weights are the base denoiser directory named in training.json)
+  optimizer.pt         the AdamW state dict (read back with torch.load(weights_only=True))
+  training.json        the settings, completed epochs, optimizer steps and per-epoch metrics
+The export merges the adapters (if any) into the UNet and writes a plain diffusers directory, so
+certification needs neither peft nor this package's training code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from peft import LoraConfig
+from peft.tuners.lora import LoraModel
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import UserError
+from pipeline.models.denoiser import load_denoiser
+
+LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
+"""The ResNet convolutions and attention projections: where a UNet's capacity sits (diffusers naming)."""
+ADAPTER_NAME = "default"
+WEIGHTS_FILE = "weights.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "training.json"
+
+
+def trainable_unet(unet: UNet2DModel, lora_rank: int) -> torch.nn.Module:
+    """The UNet itself for full fine-tuning (lora_rank 0), else a peft LoraModel in which only the
+    adapters require gradients. Adapters start at zero (peft's default), so step 0 is the base model."""
+    if lora_rank < 0:
+        raise UserError(f"LoRA rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
+    if lora_rank == 0:
+        return unet.requires_grad_(True)
+    module_names = [name for name, _ in unet.named_modules()]
+    targets = [t for t in LORA_TARGETS if any(name == t or name.endswith("." + t) for name in module_names)]
+    if not targets:
+        raise UserError(f"this UNet has none of the LoRA target layers {LORA_TARGETS}; use --lora-rank 0")
+    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets)
+    return LoraModel(unet, config, ADAPTER_NAME)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint must hold to rebuild `model` from the base denoiser."""
+    state = model.state_dict()
+    if isinstance(model, LoraModel):
+        state = {name: tensor for name, tensor in state.items() if "lora_" in name}
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load checkpoint tensors; a checkpoint from another architecture or LoRA rank is refused."""
+    expected = set(trainable_state(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(
+            f"checkpoint weights do not fit this model (different UNet or LoRA rank?): "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing or unexpected)[0]}"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]
+) -> None:
+    """Write the three checkpoint files into `directory` (an existing, empty directory)."""
+    save_file(trainable_state(model), str(directory / WEIGHTS_FILE))
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(progress, indent=2))
+
+
+def read_progress(directory: Path) -> dict[str, Any]:
+    """training.json of a checkpoint: settings, epoch, step, history."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"{directory} is not a fine-tuning checkpoint (no {STATE_FILE})")
+    return json.loads(path.read_text())
+
+
+def load_checkpoint(
+    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Restore weights (and the optimizer state, when given) in place; returns the progress record."""
+    progress = read_progress(directory)
+    load_trainable_state(model, load_file(str(directory / WEIGHTS_FILE)))
+    if optimizer is not None:
+        device = next(p for group in optimizer.param_groups for p in group["params"]).device
+        optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=True))
+    return progress
+
+
+def merged_unet(model: torch.nn.Module) -> UNet2DModel:
+    """A plain UNet2DModel: LoRA adapters folded into the weights they adapt."""
+    return model.merge_and_unload() if isinstance(model, LoraModel) else model
+
+
+def load_base_scheduler(denoiser_dir: str | Path) -> DDPMScheduler:
+    """The base denoiser's scheduler (flat save or pipeline layout); fine-tuning never changes it."""
+    denoiser_dir = Path(denoiser_dir)
+    subfolder = "scheduler" if (denoiser_dir / "scheduler" / "scheduler_config.json").is_file() else None
+    return DDPMScheduler.from_pretrained(denoiser_dir, subfolder=subfolder)
+
+
+def export_denoiser(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint's denoiser as UNet2DModel + DDPMScheduler save_pretrained into `out_dir`,
+    loadable by `load_denoiser` (and so by `jobs/certify.py --denoiser`)."""
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    progress = read_progress(checkpoint_dir)
+    settings = progress["settings"]
+    base = load_denoiser(settings["denoiser_dir"])
+    model = trainable_unet(base.unet, settings["lora_rank"])
+    load_checkpoint(checkpoint_dir, model)
+    unet = merged_unet(model).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out_dir, safe_serialization=True)
+    load_base_scheduler(settings["denoiser_dir"]).save_pretrained(out_dir)
+    (out_dir / "finetune.json").write_text(json.dumps(progress, indent=2))
+    return out_dir

@@ -1,0 +1,88 @@
+"""Named certification settings: the scales, sample sizes and level each data set is run with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults for one data set; every field can be overridden by a job flag."""
+
+    name: str
+    description: str
+    sigmas: tuple[float, ...]
+    n_select: int
+    n: int
+    alpha: float
+    num_images: int | None
+    skip: int
+    batch_size: int
+    num_classes: int
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            name="digits",
+            description="embedded default: scikit-learn digits 16x16, models trained on first use (offline)",
+            sigmas=(0.5, 0.25, 0.125),
+            n_select=50,
+            n=1000,
+            alpha=0.001,
+            num_images=100,
+            skip=1,
+            batch_size=1024,
+            num_classes=10,
+        ),
+        Preset(
+            name="cifar10",
+            description="CIFAR-10 test set (python batches), a diffusers/guided-diffusion DDPM and a timm classifier",
+            sigmas=(1.0, 0.5, 0.25),
+            n_select=100,
+            n=100_000,
+            alpha=0.001,
+            num_images=500,
+            skip=20,
+            batch_size=2000,
+            num_classes=10,
+        ),
+        Preset(
+            name="imagenet",
+            description="ImageNet validation class folders, 256x256 guided diffusion and a timm classifier",
+            sigmas=(1.0, 0.5, 0.25),
+            n_select=100,
+            n=10_000,
+            alpha=0.001,
+            num_images=None,
+            skip=100,
+            batch_size=400,
+            num_classes=1000,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def parse_sigmas(text: str) -> tuple[float, ...]:
+    """'1.0,0.5,0.25' → (1.0, 0.5, 0.25), sorted high to low; rejects junk, duplicates, non-positive."""
+    try:
+        sigmas = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
+    if not sigmas:
+        raise UserError("--sigmas is empty")
+    if any(not (s > 0) or s != s or s == float("inf") for s in sigmas):
+        raise UserError(f"--sigmas must all be positive and finite, got {text!r}")
+    if len(set(sigmas)) != len(sigmas):
+        raise UserError(f"--sigmas has duplicates: {text!r}")
+    return tuple(sorted(sigmas, reverse=True))

@@ -1,0 +1,34 @@
+"""Shared fixtures: one Ray instance and one trained digits model cache per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray costs ~10 s to start on 2 cores, so every test shares this one local instance."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> Path:
+    """The embedded digits models, trained once per session with the real default settings into a
+    fresh cache (so CI checks first-use training too); subprocess jobs see it via MDDS_CACHE_DIR."""
+    from pipeline.models.digits import digits_classifier_dir, digits_denoiser_dir
+
+    cache = tmp_path_factory.mktemp("mdds-cache")
+    os.environ["MDDS_CACHE_DIR"] = str(cache)
+    digits_denoiser_dir(progress=False)
+    digits_classifier_dir(progress=False)
+    return cache

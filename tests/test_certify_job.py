@@ -1,0 +1,131 @@
+"""End-to-end certification on the embedded digits default (real Ray Data pipeline, small n)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cascade import undecided_mask
+from pipeline.certify import CertifyRequest, certify
+from pipeline.certify_cli import build_parser, request_from_args
+from pipeline.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
+from pipeline.reduce import RESULTS_SCHEMA
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+SMALL = ["--num-images", "12", "--n", "120", "--n-select", "20", "--sigmas", "1.0,0.5,0.25"]
+
+
+def request(out: Path, *flags: str) -> CertifyRequest:
+    return request_from_args(build_parser("digits", "test").parse_args([*SMALL, "--out", str(out), *flags]))
+
+
+def sorted_counts(out: Path):
+    table = read_counts(out / "counts")
+    return table.sort_by([("image_id", "ascending"), ("sigma", "descending")])
+
+
+@pytest.fixture(scope="module")
+def all_scales_run(digits_cache, ray_session, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("all-scales")
+    certify(request(out, "--all-scales", "--overwrite"))
+    return out
+
+
+def test_outputs_have_the_exact_schemas(all_scales_run):
+    for shard in (all_scales_run / "counts").glob("part-*.parquet"):
+        assert pq.read_schema(shard) == COUNTS_SCHEMA
+    results = pq.read_table(all_scales_run / "results.parquet")
+    assert results.schema == RESULTS_SCHEMA
+    assert results.num_rows == 12
+    counts = sorted_counts(all_scales_run)
+    assert counts.num_rows == 12 * 3
+    assert set(pc.list_value_length(counts["select_counts"]).to_pylist()) == {10}
+    assert (np.array(counts["estimate_counts"].to_pylist()).sum(1) == 120).all()
+    report = (all_scales_run / "report.md").read_text()
+    assert "sigma=0.25 alone" in report and "cascade 1/0.5/0.25" in report
+    assert (all_scales_run / "certified_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_results_are_queryable_with_duckdb(all_scales_run):
+    path = all_scales_run / "results.parquet"
+    count, accuracy = duckdb.sql(f"SELECT count(*), avg(correct::INT) FROM '{path}'").fetchone()
+    assert count == 12 and 0.0 <= accuracy <= 1.0
+
+
+def test_counts_do_not_depend_on_actors_or_batching(all_scales_run, tmp_path):
+    other = request(tmp_path, "--all-scales", "--num-actors", "2", "--batch-size", "100", "--images-per-batch", "3")
+    certify(other)
+    assert sorted_counts(tmp_path).equals(sorted_counts(all_scales_run))
+
+
+def test_early_exit_samples_only_undecided_images(all_scales_run, tmp_path):
+    certify(request(tmp_path))
+    early = counts_to_arrays(sorted_counts(tmp_path))
+    full = counts_to_arrays(sorted_counts(all_scales_run))
+    np.testing.assert_array_equal(early.present[:, 0], True)
+    for stage in (1, 2):
+        undecided = undecided_mask(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3, 0.001)
+        np.testing.assert_array_equal(early.present[:, stage], undecided)
+        np.testing.assert_array_equal(early.estimate_counts[undecided, stage], full.estimate_counts[undecided, stage])
+    # the cascade result is the same whether or not the unused scales were sampled
+    assert pq.read_table(tmp_path / "results.parquet").equals(pq.read_table(all_scales_run / "results.parquet"))
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/certify.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "mnist"], "unknown preset"),
+    (["--sigmas", "0.5,x"], "--sigmas"),
+    (["--sigmas", "0.5,-0.25"], "positive"),
+    (["--alpha", "2"], "--alpha"),
+])
+def test_bad_arguments_give_one_line_and_exit_2(flags, message, tmp_path):
+    done = run_job(*flags, "--out", str(tmp_path / "o"))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error:") and message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_cli_refuses_a_non_empty_out_and_keeps_it(tmp_path):
+    keep = tmp_path / "results.parquet"
+    keep.write_bytes(b"earlier results")
+    done = run_job("--out", str(tmp_path))
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert keep.read_bytes() == b"earlier results"
+
+
+def test_cli_end_to_end(digits_cache, tmp_path):
+    done = run_job(*SMALL, "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| cascade 1/0.5/0.25 |" in done.stdout
+    assert "base classifier clean test accuracy" in done.stdout
+    assert pq.read_table(tmp_path / "run" / "results.parquet").num_rows == 12
+
+
+def test_predict_job_writes_predictions(digits_cache, ray_session, tmp_path):
+    from dataclasses import replace
+
+    from pipeline.predict import PREDICTIONS_SCHEMA, predict
+    from pipeline.prediction import predict_cascade
+
+    base = request(tmp_path)
+    summary = predict(replace(base, sampling=replace(base.sampling, n_select=0, task="predict")))
+    table = pq.read_table(tmp_path / "predictions.parquet")
+    assert table.schema == PREDICTIONS_SCHEMA and table.num_rows == 12
+    arrays = counts_to_arrays(sorted_counts(tmp_path))
+    expected, stage = predict_cascade(arrays.estimate_counts, 0.001)
+    np.testing.assert_array_equal(table["prediction"].to_numpy(), expected)
+    # early exit by the §5 test: later scales only for images the earlier tests could not decide
+    for k in (1, 2):
+        np.testing.assert_array_equal(arrays.present[:, k], (stage == -1) | (stage >= k))
+    assert "overall accuracy" in summary

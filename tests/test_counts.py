@@ -1,0 +1,108 @@
+"""The counts table contract and the reduce job on hand-made counts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cascade import certify_cascade
+from pipeline.counts import COUNTS_SCHEMA, counts_table, counts_to_arrays, read_counts
+from pipeline.errors import UserError
+from pipeline.presets import get_preset, parse_sigmas
+from pipeline.reduce import RESULTS_SCHEMA
+from tests.conftest import REPO_ROOT
+
+
+def hand_made_counts() -> pa.Table:
+    """Three images, two scales; rows deliberately out of order."""
+    rows = [  # image_id, label, sigma, select, estimate
+        (7, 1, 0.25, [0, 20, 0], [5, 95, 0]),
+        (3, 0, 0.5, [20, 0, 0], [99, 1, 0]),
+        (7, 1, 0.5, [10, 10, 0], [300, 350, 350]),
+        (5, 2, 0.5, [0, 0, 20], [50, 0, 50]),
+    ]
+    ids, labels, sigmas, select, estimate = zip(*rows)
+    return counts_table(np.array(ids), np.array(labels), np.array(sigmas), np.array(select), np.array(estimate))
+
+
+def test_counts_table_has_the_exact_schema():
+    assert hand_made_counts().schema == COUNTS_SCHEMA
+
+
+def test_pivot_orders_scales_high_to_low_and_marks_missing():
+    arrays = counts_to_arrays(hand_made_counts())
+    np.testing.assert_array_equal(arrays.image_ids, [3, 5, 7])
+    np.testing.assert_array_equal(arrays.labels, [0, 2, 1])
+    np.testing.assert_array_equal(arrays.sigmas, [0.5, 0.25])
+    np.testing.assert_array_equal(arrays.present, [[True, False], [True, False], [True, True]])
+    np.testing.assert_array_equal(arrays.estimate_counts[2, 1], [5, 95, 0])
+
+
+def test_duplicate_rows_are_rejected():
+    table = hand_made_counts()
+    with pytest.raises(UserError, match="duplicate"):
+        counts_to_arrays(pa.concat_tables([table, table.slice(0, 1)]))
+
+
+def test_wrong_schema_is_rejected(tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"image_id": [1], "sigma": [0.5]}), path)
+    with pytest.raises(UserError, match="missing column"):
+        read_counts(path)
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(UserError, match="cannot read"):
+        read_counts(garbage)
+
+
+def run_reduce(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/reduce.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_reduce_job_on_hand_made_counts(tmp_path):
+    counts = tmp_path / "counts.parquet"
+    pq.write_table(hand_made_counts(), counts)
+    out = tmp_path / "results.parquet"
+    done = run_reduce(str(counts), "--out", str(out), "--alpha", "0.01")
+    assert done.returncode == 0, done.stderr
+    results = pq.read_table(out)
+    assert results.schema == RESULTS_SCHEMA
+    arrays = counts_to_arrays(hand_made_counts())
+    expected = certify_cascade(arrays.select_counts, arrays.estimate_counts, arrays.sigmas, 0.01)
+    np.testing.assert_array_equal(results["image_id"].to_numpy(), [3, 5, 7])
+    np.testing.assert_array_equal(results["prediction"].to_numpy(), expected.prediction)
+    np.testing.assert_allclose(results["radius"].to_numpy(), expected.radius)
+    # image 3 certified at 0.5; image 5 undecided at 0.5 (abstain); image 7 falls through to 0.25
+    assert results["prediction"].to_pylist() == [0, -1, 1]
+    assert results["sigma"].to_pylist() == [0.5, 0.5, 0.25]
+    assert results["correct"].to_pylist() == [True, False, True]
+
+
+def test_reduce_job_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"x": [1]}), bad)
+    done = run_reduce(str(bad), "--out", str(tmp_path / "r.parquet"))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error:") and done.stderr.count("\n") == 1
+    existing = tmp_path / "exists.parquet"
+    existing.write_bytes(b"keep me")
+    counts = tmp_path / "counts.parquet"
+    pq.write_table(hand_made_counts(), counts)
+    done = run_reduce(str(counts), "--out", str(existing))
+    assert done.returncode == 2 and existing.read_bytes() == b"keep me"
+
+
+def test_presets_and_sigma_parsing():
+    assert get_preset("digits").num_classes == 10
+    with pytest.raises(UserError, match="unknown preset"):
+        get_preset("mnist")
+    assert parse_sigmas("0.25, 1.0,0.5") == (1.0, 0.5, 0.25)
+    for bad in ("a,b", "0.5,-1", "0.5,0.5", "", "nan"):
+        with pytest.raises(UserError):
+            parse_sigmas(bad)

@@ -1,0 +1,294 @@
+"""The ImageNet and CIFAR-10 jobs end to end on tiny models of the real architectures (issue 6).
+
+Everything is built here with random weights: an OpenAI guided-diffusion UNet checkpoint (the
+original layout, 32 base channels) converted by jobs/convert_guided_diffusion.py, a timm resnet10t
+with ImageNet's 1000 classes saved as safetensors, a diffusers UNet2DModel + DDPMScheduler, a
+TorchScript classifier, a class-folder tree of odd-sized JPEGs and a cifar-10-batches-py folder.
+The jobs run as subprocesses (the real entry points), joined to the session's Ray instance through
+RAY_ADDRESS as `ray job submit` runs them, which spares each one Ray's start-up.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import norm
+from torch import nn
+from torchvision import transforms
+
+from pipeline.counts import counts_to_arrays, read_counts
+from pipeline.errors import UserError
+from pipeline.fused import FusedDenoiseClassify
+from pipeline.models.spec import ModelSpec
+from pipeline.noise import Phase
+from pipeline.reduce import RESULTS_SCHEMA
+from tests.conftest import REPO_ROOT
+from tests.test_guided_diffusion import random_reference, save_reference
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")]
+
+CLASS_FOLDERS = ("n03", "n01", "n02")  # created out of sorted order: labels follow the sorted names
+JPEG_SIZES = ((301, 257), (260, 333))  # (width, height), neither 256 nor 224 on any side
+SMALL_RUN = ["--num-images", "4", "--skip", "1", "--n", "16", "--n-select", "8"]
+CIFAR_LABELS = [3, 1, 3, 0, 3, 2]
+FAVOURED_CLASS = 3
+
+
+def run_job(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"jobs/{script}", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def succeeded(result: subprocess.CompletedProcess) -> bool:
+    """True on exit code 0; otherwise print the job's stderr tail so the failure explains itself."""
+    if result.returncode != 0:
+        print(result.stderr[-4000:])
+    return result.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def job_env(ray_session) -> dict[str, str]:
+    """Subprocess environment that joins the session's Ray (with its auth mode) on one thread."""
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, OMP_NUM_THREADS="1")
+    env.pop("MDDS_INJECT_ACTOR_FAILURE", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory) -> Path:
+    """3 class folders × 2 random JPEGs of odd sizes."""
+    root = tmp_path_factory.mktemp("imagenet") / "val"
+    rng = np.random.default_rng(0)
+    for name in CLASS_FOLDERS:
+        (root / name).mkdir(parents=True)
+        for index, (width, height) in enumerate(JPEG_SIZES):
+            pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"ILSVRC2012_val_{index}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def guided_denoiser(tmp_path_factory, job_env) -> Path:
+    """A guided-diffusion-layout checkpoint (learned sigma, scale-shift, resblock up/down, attention at 16)
+    converted to a diffusers directory by the real converter job."""
+    folder = tmp_path_factory.mktemp("guided")
+    checkpoint = save_reference(
+        random_reference(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,),
+                         num_head_channels=16),
+        folder / "tiny_diffusion_uncond.pt",
+    )
+    flags = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+             "--attention_resolutions", "16", "--num_head_channels", "16", "--learn_sigma", "True",
+             "--use_scale_shift_norm", "True", "--resblock_updown", "True", "--diffusion_steps", "1000",
+             "--noise_schedule", "linear"]
+    result = run_job("convert_guided_diffusion.py", str(checkpoint), str(folder / "denoiser"), *flags, env=job_env)
+    assert succeeded(result)
+    return folder / "denoiser"
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("timm") / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    """The python-pickle layout: test_batch {b'data': uint8 (N, 3072), b'labels'} and batches.meta."""
+    folder = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    folder.mkdir()
+    data = np.random.default_rng(1).integers(0, 256, size=(len(CIFAR_LABELS), 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"data": data, b"labels": CIFAR_LABELS, b"batch_label": b"testing batch 1 of 1"}, handle)
+    names = [name.encode() for name in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                         "ship", "truck")]
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": len(CIFAR_LABELS)}, handle)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def diffusers_denoiser(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10-shaped DDPM: UNet2DModel (3 channels, 32×32) and DDPMScheduler in one folder."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ddpm")
+    UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(folder)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder)
+    return folder
+
+
+class FavoursOneClass(nn.Module):
+    """A small conv net on [0,1] images whose bias makes one class win on every input."""
+
+    def __init__(self, num_classes: int, favoured: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, num_classes)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[favoured] = 100.0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def save_torchscript(path: Path, num_classes: int) -> Path:
+    torch.manual_seed(0)
+    torch.jit.trace(FavoursOneClass(num_classes, FAVOURED_CLASS).eval(), torch.rand(2, 3, 32, 32)).save(str(path))
+    return path
+
+
+def check_results(out: Path, image_ids: list[int], labels: list[int]):
+    """results.parquet has the contract's schema and one row per selected image; returns it."""
+    results = pq.read_table(out / "results.parquet")
+    assert results.schema == RESULTS_SCHEMA
+    table = results.sort_by("image_id").to_pydict()
+    assert table["image_id"] == image_ids
+    assert table["label"] == labels
+    assert table["correct"] == [p == y for p, y in zip(table["prediction"], table["label"], strict=True)]
+    assert (out / "report.md").is_file() and (out / "certified_accuracy.png").is_file()
+    return table
+
+
+def test_imagenet_job_with_converted_guided_diffusion_and_timm(
+    job_env, imagenet_tree, guided_denoiser, timm_weights, tmp_path
+):
+    out = tmp_path / "out"
+    result = run_job("certify.py", "--preset", "imagenet", "--data", str(imagenet_tree),
+                     "--denoiser", str(guided_denoiser), "--classifier", "resnet10t",
+                     "--classifier-weights", str(timm_weights), *SMALL_RUN, "--out", str(out), env=job_env)
+    assert succeeded(result)
+    # image ids follow ImageFolder order: sorted class folders (n01, n02, n03), then file names
+    check_results(out, image_ids=[0, 1, 2, 3], labels=[0, 0, 1, 1])
+
+    # The counts of the first scale equal a direct computation on torchvision's reference preprocessing
+    # (Resize 256, CenterCrop 224) of the same four files, with the same models and seed.
+    counts = counts_to_arrays(read_counts(out / "counts"))
+    assert counts.select_counts.shape[-1] == 1000 and counts.sigmas[0] == 1.0
+    paths = [imagenet_tree / folder / f"ILSVRC2012_val_{index}.JPEG" for folder in ("n01", "n02") for index in (0, 1)]
+    reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
+    images = torch.stack([reference(Image.open(path).convert("RGB")) for path in paths])
+    spec = ModelSpec(str(guided_denoiser), "timm", "resnet10t", 1000, classifier_weights=str(timm_weights))
+    fused = FusedDenoiseClassify(*spec.load(), num_classes=1000, device="cpu", batch_size=400)
+    expected = fused.count(images, [0, 1, 2, 3], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
+    np.testing.assert_array_equal(counts.select_counts[:, 0], expected[Phase.SELECT][:, 0])
+    np.testing.assert_array_equal(counts.estimate_counts[:, 0], expected[Phase.ESTIMATE][:, 0])
+
+
+def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
+    job_env, cifar_dir, diffusers_denoiser, tmp_path
+):
+    classifier = save_torchscript(tmp_path / "classifier.pt", num_classes=10)
+    out = tmp_path / "out"
+    result = run_job("certify.py", "--preset", "cifar10", "--data", str(cifar_dir.parent),
+                     "--denoiser", str(diffusers_denoiser), "--classifier", str(classifier), *SMALL_RUN,
+                     "--out", str(out), env=job_env)
+    assert succeeded(result)
+    table = check_results(out, image_ids=[0, 1, 2, 3], labels=CIFAR_LABELS[:4])
+    # Every noisy sample is classified FAVOURED_CLASS, so stage 1 (sigma = 1) certifies it with the
+    # one-sided Clopper-Pearson bound for n of n successes, a^(1/n), at the union level a = alpha/6
+    # (three scales, two intervals each).
+    assert table["prediction"] == [FAVOURED_CLASS] * 4 and table["sigma"] == [1.0] * 4
+    lower_bound = (0.001 / 6) ** (1 / 16)
+    np.testing.assert_allclose(table["radius"], [norm.ppf(lower_bound)] * 4, rtol=1e-9)
+    counts = counts_to_arrays(read_counts(out / "counts"))
+    assert counts.estimate_counts.shape == (4, 1, 10)
+    assert (counts.estimate_counts[:, 0, FAVOURED_CLASS] == 16).all()
+
+
+@pytest.mark.parametrize("case", ["missing --data", "missing denoiser"])
+def test_missing_input_is_a_one_line_error(case, job_env, imagenet_tree, timm_weights, tmp_path):
+    models = ["--classifier", "resnet10t", "--classifier-weights", str(timm_weights)]
+    if case == "missing --data":
+        args = ["--denoiser", str(tmp_path), *models]
+        expected = "error: preset imagenet needs --data"
+    else:
+        args = ["--data", str(imagenet_tree), "--denoiser", str(tmp_path / "absent"), *models]
+        expected = f"error: denoiser directory not found: {tmp_path / 'absent'}"
+    result = run_job("certify_imagenet.py", *args, *SMALL_RUN, "--out", str(tmp_path / "out"), env=job_env)
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-4000:]
+
+
+def load_imagenet_job():
+    spec = importlib.util.spec_from_file_location("certify_imagenet", REPO_ROOT / "jobs" / "certify_imagenet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys):
+    job = load_imagenet_job()
+    monkeypatch.setattr(sys, "argv", ["certify_imagenet.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        job.main()
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--denoiser", "--classifier", "--classifier-weights", "--out", "--num-images", "--skip",
+                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--resume"):
+        assert flag in text
+    assert "convert_guided_diffusion.py" in text and "ray job submit" in text and "s3://" in text
+    assert "imagenet  --sigmas 1,0.5,0.25  --n-select 100  --n 10000  --alpha 0.001  --skip 100" in text
+    assert "cifar10   --sigmas 1,0.5,0.25  --n-select 100  --n 100000  --alpha 0.001" in text
+
+    # What a run without overrides actually uses (the issue: Carlini et al.'s / Jeong & Shin's settings).
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    from pipeline.certify_cli import build_parser, request_from_args
+
+    for preset, n in (("imagenet", 10_000), ("cifar10", 100_000)):
+        request = request_from_args(build_parser(preset, "").parse_args([]))
+        assert request.sampling.sigmas == (1.0, 0.5, 0.25)
+        assert (request.sampling.n_select, request.sampling.n, request.sampling.alpha) == (100, n, 0.001)
+    assert request_from_args(build_parser("imagenet", "").parse_args([])).data.skip == 100
+
+
+def test_models_load_from_an_fsspec_url(diffusers_denoiser, tmp_path):
+    """--denoiser / --classifier as bucket URLs (memory:// stands in for s3://) load the same models."""
+    classifier = save_torchscript(tmp_path / "classifier.pt", num_classes=10)
+    remote = fsspec.filesystem("memory")
+    remote.put(str(diffusers_denoiser), "/bucket/models/ddpm", recursive=True)
+    remote.put(str(classifier), "/bucket/models/classifier.pt")
+    try:
+        local = ModelSpec(str(diffusers_denoiser), "torchscript", str(classifier), 10).load()
+        loaded = ModelSpec("memory://bucket/models/ddpm", "torchscript", "memory://bucket/models/classifier.pt",
+                           10).load()
+        images = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            np.testing.assert_array_equal(loaded[0](images, torch.tensor([3, 300])).numpy(),
+                                          local[0](images, torch.tensor([3, 300])).numpy())
+            np.testing.assert_array_equal(loaded[1](images).numpy(), local[1](images).numpy())
+        with pytest.raises(UserError, match="memory://bucket/absent does not exist"):
+            ModelSpec("memory://bucket/absent", "torchscript", str(classifier), 10).load()
+    finally:
+        remote.rm("/bucket", recursive=True)
+
+
+def test_a_classifier_with_the_wrong_number_of_logits_is_refused(diffusers_denoiser, tmp_path):
+    """Predictions >= num_classes would be counted into another image's cells, so the driver refuses them."""
+    wide = save_torchscript(tmp_path / "wide.pt", num_classes=12)
+    with pytest.raises(UserError, match=r"logits of shape \(1, 12\).*expected \(1, 10\)"):
+        ModelSpec(str(diffusers_denoiser), "torchscript", str(wide), 10).check((3, 32, 32))
+    ModelSpec(str(diffusers_denoiser), "torchscript", str(save_torchscript(tmp_path / "ok.pt", 10)), 10).check(
+        (3, 32, 32))
