@@ -4,12 +4,13 @@ Data: an ImageNet-style class-folder tree (val/<wnid>/*.JPEG; labels = index of 
 names) or a Parquet of encoded image bytes, resized to 256 and center-cropped to 224 (the certified
 input space). Denoiser: a diffusers directory, e.g. OpenAI's 256x256_diffusion_uncond.pt converted
 with jobs/convert_guided_diffusion.py --preset imagenet256-uncond. Classifier: a timm model name with
-a local or fsspec weights file, or a TorchScript file. One GPU per model actor when the cluster has GPUs.
+a local or fsspec weights file, or a TorchScript file. One GPU per model actor when the cluster has
+GPUs (--device cuda also when its GPU workers are still scaled to zero). --out must be shared storage.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/certify_imagenet.py \\
         --data s3://BUCKET/imagenet/val --denoiser s3://BUCKET/models/imagenet256 \\
         --classifier beit_large_patch16_512 --classifier-weights s3://BUCKET/models/beit.safetensors \\
-        --out s3://BUCKET/mdds/runs/imagenet
+        --out s3://BUCKET/mdds/runs/imagenet --device cuda --num-actors 8
 """
 
 import sys

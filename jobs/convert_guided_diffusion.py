@@ -20,14 +20,10 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `python jobs/convert_guided_diffusion.py` from a plain checkout
+from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
-
-from pipeline.errors import UserError  # noqa: E402
-from pipeline.models.guided_diffusion import (  # noqa: E402
+from pipeline.errors import UserError
+from pipeline.models.guided_diffusion import (
     PRESETS,
     GuidedDiffusionConfig,
     check_output_dir,

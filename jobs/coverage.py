@@ -18,19 +18,15 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `python jobs/coverage.py` from a plain checkout
-
-from pipeline.analytic import (  # noqa: E402
+from pipeline.analytic import (
     EXAMPLE_CASCADE_INPUTS,
     LinearBinary,
     example_cascade,
     sample_votes,
 )
-from pipeline.bounds import clopper_pearson_lower  # noqa: E402
-from pipeline.cascade import certify_cascade, certify_single_scale  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.bounds import clopper_pearson_lower
+from pipeline.cascade import certify_cascade, certify_single_scale
+from pipeline.errors import UserError
 
 LINEAR = LinearBinary(weights=np.array([3.0, 4.0]), bias=0.0)
 LINEAR_SIGMA = 0.5

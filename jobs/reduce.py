@@ -4,21 +4,38 @@
 """
 
 import argparse
+import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cascade import ALPHA_MODES
 from pipeline.cli import run_main
 from pipeline.counts import counts_to_arrays, read_counts
 from pipeline.errors import UserError
+from pipeline.presets import parse_sigmas
 from pipeline.reduce import reduce_cascade
+
+
+def run_sigmas(counts: str, flag: str | None) -> tuple[float, ...] | None:
+    """--sigmas, else the certify run's run_config.json beside counts/, else None (from the data)."""
+    if flag:
+        return parse_sigmas(flag)
+    config = Path(counts).resolve().parent / "run_config.json"
+    if Path(counts).is_dir() and config.is_file():
+        return tuple(json.loads(config.read_text())["sigmas"])
+    return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("counts", help="counts Parquet file or directory (image_id, label, sigma, "
-                        "select_counts, estimate_counts); the sigmas are read from the data")
+                        "select_counts, estimate_counts)")
+    parser.add_argument("--sigmas", help="the cascade's scales, e.g. 1.0,0.5,0.25 (rows at other scales are "
+                        "ignored, so an --all-scales run can be reduced over any subset); default: run_config.json "
+                        "next to a counts/ directory written by certify, else the sigmas found in the data")
     parser.add_argument("--out", required=True, help="results Parquet file to write")
     parser.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     parser.add_argument("--alpha-mode", choices=ALPHA_MODES, default="union",
@@ -29,7 +46,11 @@ def main() -> None:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
-    arrays = counts_to_arrays(read_counts(args.counts))
+    sigmas = run_sigmas(args.counts, args.sigmas)
+    table = read_counts(args.counts)
+    if args.sigmas:  # an explicit subset: reduce the cascade over those scales only
+        table = table.filter(pc.is_in(table["sigma"], value_set=pa.array(sigmas, pa.float64())))
+    arrays = counts_to_arrays(table, sigmas)
     results = reduce_cascade(arrays, args.alpha, args.alpha_mode, args.p0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

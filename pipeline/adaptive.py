@@ -12,8 +12,9 @@ time-uniform bounds [p̲_t, p̄_t] of pipeline/sequential.py on the selected cla
                    the sequence would give at n_max if the vote rate stayed at its current value
                    (both capped by the earlier stages as in method.md §4): more samples would add
                    at most about `radius_tolerance`;
-- abstain        — p̲_t < p0 ≤ p̄_t and even the optimistic outcome (rate p̄_t for the remaining
-                   samples) would leave the n_max bound below p0 (futility);
+- abstain        — p̲_t < p0 ≤ p̄_t and neither exit is reachable by n_max: at rate p̄_t for the
+                   remaining samples p̲ would stay below p0, and at rate p̲_t p̄ would stay above
+                   it (futility);
 - or n_max is reached.
 Radius vs. samples: for ĉ's rate p < 1 the bound approaches p at rate 1/sqrt(t), so r_t closes in on
 r̂ quickly; with every vote for ĉ, 1 − p̲_t ≈ c/t and the radius keeps growing like sigma·sqrt(2 log t),
@@ -222,7 +223,9 @@ def round_status(
     binding = terms_now.argmin(axis=1)  # 0 = this stage's own bound, j + 1 = the cap of stage j
     certifiable = lower >= p0
     settled = terms_now.min(axis=1) >= terms_at_n_max.min(axis=1) - settings.radius_tolerance
-    futile = sequence_lower(votes + upper * remaining, n_max, level) < p0
+    # Undecided and settled: neither exit is reachable by n_max even at the most favourable rate.
+    futile = (sequence_lower(votes + upper * remaining, n_max, level) < p0) & (
+        sequence_upper(votes + lower * remaining, n_max, level) >= p0)
     status = np.where(certifiable, np.where(settled, STOP, CONTINUE),
                       np.where((n >= n_max) | futile, STOP, CONTINUE))
     target = np.where(certifiable & (binding > 0), binding - 1, stage)

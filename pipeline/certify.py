@@ -55,7 +55,7 @@ def collect_counts(request: CertifyRequest, min_select: int = 1) -> tuple[Worklo
     workload = build_workload(request.preset, request.data, request.models)
     counts = sample_counts(workload.dataset, workload.image_ids, workload.model_spec, sampling,
                            request.execution, join(request.out, "counts"))
-    return workload, counts_to_arrays(counts)
+    return workload, counts_to_arrays(counts, sampling.sigmas)
 
 
 def certify(request: CertifyRequest) -> str:

@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.cascade import ALPHA_MODES
 from pipeline.certify import CertifyRequest
+from pipeline.errors import UserError
 from pipeline.fused import default_device
 from pipeline.presets import PRESETS, get_preset, parse_sigmas
 from pipeline.run import ExecutionConfig, SamplingConfig
@@ -77,17 +78,19 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     run.add_argument("--images-per-batch", type=int, default=8, help="images per Ray Data batch (default 8)")
     run.add_argument("--num-actors", type=int, default=None,
                      help="parallel model copies (default: number of GPUs, or 1 on CPU)")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                     help="auto: one GPU per actor if this machine or the cluster has GPUs now (default); "
+                          "cuda: always ask one GPU per actor, which makes an autoscaling cluster whose GPU "
+                          "workers start at 0 launch them (give --num-actors too); cpu: no GPUs")
     return parser
 
 
 def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     preset = get_preset(args.preset)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
-    use_gpu = default_device().type == "cuda" or _cluster_has_gpus()
+    use_gpu = _use_gpu(args.device)
     num_actors = args.num_actors if args.num_actors is not None else max(1, _cluster_gpus()) if use_gpu else 1
     if num_actors < 1:
-        from pipeline.errors import UserError
-
         raise UserError(f"--num-actors must be >= 1, got {num_actors}")
     return CertifyRequest(
         preset=preset,
@@ -137,5 +140,16 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _cluster_has_gpus() -> bool:
-    return _cluster_gpus() > 0
+def _use_gpu(device: str) -> bool:
+    """Whether each actor asks Ray for one GPU. `auto` sees only the GPUs present now, not the ones an
+    autoscaler would add on demand, hence `cuda`."""
+    import os
+
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        if not os.environ.get("RAY_ADDRESS") and default_device().type != "cuda":
+            raise UserError("--device cuda: this machine has no GPU and no cluster is named by RAY_ADDRESS "
+                            "(submit with `ray job submit`, or use --device auto)")
+        return True
+    return default_device().type == "cuda" or _cluster_gpus() > 0

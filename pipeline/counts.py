@@ -6,6 +6,7 @@ This is the contract between the sampling stage (Ray actors writing Parquet) and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,8 +106,13 @@ def _dense(column: pa.ChunkedArray, name: str) -> np.ndarray:
     return values.astype(np.int64).reshape(-1, num_classes)
 
 
-def counts_to_arrays(table: pa.Table) -> CountsArrays:
-    """Pivot rows into (image, stage, class) arrays; duplicate (image_id, sigma) rows are an error."""
+def counts_to_arrays(table: pa.Table, sigmas: Sequence[float] | None = None) -> CountsArrays:
+    """Pivot rows into (image, stage, class) arrays; duplicate (image_id, sigma) rows are an error.
+
+    `sigmas` are the run's scales. Pass them whenever known: the alpha split depends on the number
+    of scales the cascade could consult, and early exit may leave a scale with no rows at all, so
+    scales read from the data alone can undercount and make the union-mode bounds too narrow.
+    """
     if table.num_rows == 0:
         raise UserError("the counts table has no rows")
     image_id = table["image_id"].to_numpy()
@@ -118,9 +124,15 @@ def counts_to_arrays(table: pa.Table) -> CountsArrays:
     if select.shape[1] != estimate.shape[1]:
         raise UserError("select_counts and estimate_counts have different numbers of classes")
     image_ids, row_image = np.unique(image_id, return_inverse=True)
-    sigmas_ascending, row_scale_ascending = np.unique(sigma, return_inverse=True)
-    sigmas = sigmas_ascending[::-1].copy()
-    row_scale = len(sigmas) - 1 - row_scale_ascending
+    found = np.unique(sigma)
+    if sigmas is None:
+        sigmas = found[::-1].copy()
+    else:
+        sigmas = np.array(sorted({float(s) for s in sigmas}, reverse=True))
+        unknown = np.setdiff1d(found, sigmas)
+        if unknown.size:
+            raise UserError(f"counts hold sigma(s) {unknown.tolist()} outside the run's scales {sigmas.tolist()}")
+    row_scale = np.searchsorted(-sigmas, -sigma)
     keys = row_image * len(sigmas) + row_scale
     unique_keys, first = np.unique(keys, return_index=True)
     if len(unique_keys) != len(keys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 import fsspec
@@ -77,7 +78,7 @@ def _undecided_ids(table: pa.Table, candidates: np.ndarray, stage: int, sampling
     by the certification rule (method.md §4) or the prediction rule (§5)."""
     if stage == 0 or len(candidates) == 0:
         return candidates
-    arrays = counts_to_arrays(table)
+    arrays = counts_to_arrays(table, sampling.sigmas)
     columns = [np.flatnonzero(arrays.sigmas == s) for s in sampling.sigmas[:stage]]
     rows = np.clip(np.searchsorted(arrays.image_ids, candidates), 0, len(arrays.image_ids) - 1)
     if any(len(c) == 0 for c in columns) or not (arrays.image_ids[rows] == candidates).all() or \
@@ -121,11 +122,18 @@ def sample_counts(
     return table.filter(pa.compute.is_in(table["image_id"], value_set=pa.array(image_ids)))
 
 
+def _forward_env(name: str) -> dict:
+    """Ray options handing the driver's value of `name` to the actors: workers inherit the environment
+    only of the process that started Ray, not of a driver joining a running instance or a cluster."""
+    value = os.environ.get(name)
+    return {"runtime_env": {"env_vars": {name: value}}} if value else {}
+
+
 def _run_pass(dataset, todo: np.ndarray, model_spec: ModelSpec, sigmas: tuple[float, ...],
               sampling: SamplingConfig, execution: ExecutionConfig, counts_dir: str) -> None:
     import ray.data
 
-    from pipeline.actor import CountActor
+    from pipeline.actor import FAIL_ONCE_ENV, CountActor
 
     todo_set = pa.array(todo)
 
@@ -144,6 +152,7 @@ def _run_pass(dataset, todo: np.ndarray, model_spec: ModelSpec, sigmas: tuple[fl
         compute=ray.data.ActorPoolStrategy(size=execution.num_actors),
         num_gpus=1 if execution.use_gpu else 0,
         num_cpus=0 if execution.use_gpu else 1,
+        **_forward_env(FAIL_ONCE_ENV),
     )  # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1)
     written = sum(int(row["rows"]) for row in counted.iter_rows())
     logger.info("wrote %d counts rows", written)

@@ -82,6 +82,16 @@ def _model_spec(preset: Preset, models: ModelOptions, in_chans: int) -> ModelSpe
                      models.classifier_weights)
 
 
+def _is_parquet(location: str) -> bool:
+    """A .parquet file, or a directory whose top level holds .parquet files (not class folders)."""
+    import fsspec
+
+    if location.rstrip("/").endswith(".parquet"):
+        return True
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.isdir(path) and any(name.endswith(".parquet") for name in fs.ls(path, detail=False))
+
+
 def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
     from pipeline import sources
 
@@ -94,7 +104,7 @@ def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Worklo
     selection = dict(skip=data.skip, num_images=data.num_images, start=data.start)
     if preset.name == "cifar10":
         dataset, info = sources.cifar10_dataset(data.data, **selection)
-    elif data.data.rstrip("/").endswith(".parquet"):
+    elif _is_parquet(data.data):
         dataset, info = sources.parquet_image_dataset(data.data, resize=256, crop=224,
                                                       on_bad_image=data.on_bad_image, **selection)
     else:

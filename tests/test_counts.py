@@ -106,3 +106,29 @@ def test_presets_and_sigma_parsing():
     for bad in ("a,b", "0.5,-1", "0.5,0.5", "", "nan"):
         with pytest.raises(UserError):
             parse_sigmas(bad)
+
+
+def test_reduce_counts_every_scale_of_the_run_in_the_alpha_split(tmp_path):
+    """Early exit can leave lower scales without rows; the union split must still count them."""
+    table = counts_table(np.array([0, 1]), np.array([1, 1]), np.array([0.5, 0.5]),
+                         np.array([[0, 20], [0, 20]]), np.array([[3, 97], [10, 90]]))
+    counts = tmp_path / "counts.parquet"
+    pq.write_table(table, counts)
+    three, one = tmp_path / "three.parquet", tmp_path / "one.parquet"
+    assert run_reduce(str(counts), "--out", str(three), "--sigmas", "0.5,0.25,0.125").returncode == 0
+    assert run_reduce(str(counts), "--out", str(one)).returncode == 0
+    zeros = np.zeros((2, 2, 2), np.int64)
+    select = np.concatenate([np.array([[[0, 20]], [[0, 20]]]), zeros], axis=1)
+    estimate = np.concatenate([np.array([[[3, 97]], [[10, 90]]]), zeros], axis=1)
+    expected = certify_cascade(select, estimate, [0.5, 0.25, 0.125], 0.001)
+    np.testing.assert_allclose(pq.read_table(three)["radius"].to_numpy(), expected.radius)
+    assert (pq.read_table(three)["radius"].to_numpy() < pq.read_table(one)["radius"].to_numpy()).all()
+
+
+def test_reduce_over_a_subset_of_scales(tmp_path):
+    counts = tmp_path / "counts.parquet"
+    pq.write_table(hand_made_counts(), counts)
+    out = tmp_path / "subset.parquet"
+    done = run_reduce(str(counts), "--out", str(out), "--sigmas", "0.5")
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(out)["sigma"].to_pylist() == [0.5, 0.5, None]

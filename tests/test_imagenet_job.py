@@ -1,11 +1,11 @@
 """The ImageNet and CIFAR-10 jobs end to end on tiny models of the real architectures (issue 6).
 
 Everything is built here with random weights: an OpenAI guided-diffusion UNet checkpoint (the
-original layout, 32 base channels) converted by jobs/convert_guided_diffusion.py, a timm resnet10t
-with ImageNet's 1000 classes saved as safetensors, a diffusers UNet2DModel + DDPMScheduler, a
-TorchScript classifier, a class-folder tree of odd-sized JPEGs and a cifar-10-batches-py folder.
-The jobs run as subprocesses (the real entry points), joined to the session's Ray instance through
-RAY_ADDRESS as `ray job submit` runs them, which spares each one Ray's start-up.
+original layout, 32 base channels) converted by jobs/convert_guided_diffusion.py, timm's tiny ViT
+`test_vit` (BEiT's family) with ImageNet's 1000 classes saved as safetensors, a diffusers
+UNet2DModel + DDPMScheduler, a TorchScript classifier, a class-folder tree of odd-sized JPEGs and a
+cifar-10-batches-py folder. The jobs run as subprocesses (the real entry points), joined to the
+session's Ray instance through RAY_ADDRESS as `ray job submit` runs them, sparing Ray's start-up.
 """
 
 from __future__ import annotations
@@ -65,10 +65,8 @@ def job_env(ray_session) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def imagenet_tree(tmp_path_factory) -> Path:
-    """3 class folders × 2 random JPEGs of odd sizes."""
-    root = tmp_path_factory.mktemp("imagenet") / "val"
+def make_imagenet_tree(root: Path) -> Path:
+    """root/<class>/*.JPEG: 3 class folders × 2 random JPEGs of odd sizes."""
     rng = np.random.default_rng(0)
     for name in CLASS_FOLDERS:
         (root / name).mkdir(parents=True)
@@ -78,58 +76,11 @@ def imagenet_tree(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def guided_denoiser(tmp_path_factory, job_env) -> Path:
-    """A guided-diffusion-layout checkpoint (learned sigma, scale-shift, resblock up/down, attention at 16)
-    converted to a diffusers directory by the real converter job."""
-    folder = tmp_path_factory.mktemp("guided")
-    checkpoint = save_reference(
-        random_reference(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,),
-                         num_head_channels=16),
-        folder / "tiny_diffusion_uncond.pt",
-    )
-    flags = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
-             "--attention_resolutions", "16", "--num_head_channels", "16", "--learn_sigma", "True",
-             "--use_scale_shift_norm", "True", "--resblock_updown", "True", "--diffusion_steps", "1000",
-             "--noise_schedule", "linear"]
-    result = run_job("convert_guided_diffusion.py", str(checkpoint), str(folder / "denoiser"), *flags, env=job_env)
-    assert succeeded(result)
-    return folder / "denoiser"
-
-
-@pytest.fixture(scope="module")
-def timm_weights(tmp_path_factory) -> Path:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("timm") / "resnet10t.safetensors"
-    save_file(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def cifar_dir(tmp_path_factory) -> Path:
-    """The python-pickle layout: test_batch {b'data': uint8 (N, 3072), b'labels'} and batches.meta."""
-    folder = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
-    folder.mkdir()
-    data = np.random.default_rng(1).integers(0, 256, size=(len(CIFAR_LABELS), 3072), dtype=np.uint8)
-    with open(folder / "test_batch", "wb") as handle:
-        pickle.dump({b"data": data, b"labels": CIFAR_LABELS, b"batch_label": b"testing batch 1 of 1"}, handle)
-    names = [name.encode() for name in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                         "ship", "truck")]
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": names, b"num_cases_per_batch": len(CIFAR_LABELS)}, handle)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def diffusers_denoiser(tmp_path_factory) -> Path:
+def make_diffusers_denoiser(folder: Path) -> Path:
     """A tiny CIFAR-10-shaped DDPM: UNet2DModel (3 channels, 32×32) and DDPMScheduler in one folder."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ddpm")
     UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
                 down_block_types=("DownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "UpBlock2D")).save_pretrained(folder)
@@ -158,6 +109,61 @@ def save_torchscript(path: Path, num_classes: int) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory) -> Path:
+    return make_imagenet_tree(tmp_path_factory.mktemp("imagenet") / "val")
+
+
+@pytest.fixture(scope="module")
+def guided_denoiser(tmp_path_factory, job_env) -> Path:
+    """A guided-diffusion-layout checkpoint (learned sigma, scale-shift, resblock up/down, attention at 16)
+    converted to a diffusers directory by the real converter job."""
+    folder = tmp_path_factory.mktemp("guided")
+    checkpoint = save_reference(
+        random_reference(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,),
+                         num_head_channels=16),
+        folder / "tiny_diffusion_uncond.pt",
+    )
+    flags = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+             "--attention_resolutions", "16", "--num_head_channels", "16", "--learn_sigma", "True",
+             "--use_scale_shift_norm", "True", "--resblock_updown", "True", "--diffusion_steps", "1000",
+             "--noise_schedule", "linear"]
+    result = run_job("convert_guided_diffusion.py", str(checkpoint), str(folder / "denoiser"), *flags, env=job_env)
+    assert succeeded(result)
+    return folder / "denoiser"
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("timm") / "test_vit.safetensors"
+    save_file(timm.create_model("test_vit", pretrained=False, num_classes=1000).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory) -> Path:
+    """The python-pickle layout: test_batch {b'data': uint8 (N, 3072), b'labels'} and batches.meta."""
+    folder = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    folder.mkdir()
+    data = np.random.default_rng(1).integers(0, 256, size=(len(CIFAR_LABELS), 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"data": data, b"labels": CIFAR_LABELS, b"batch_label": b"testing batch 1 of 1"}, handle)
+    names = [name.encode() for name in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                         "ship", "truck")]
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": names, b"num_cases_per_batch": len(CIFAR_LABELS)}, handle)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def diffusers_denoiser(tmp_path_factory) -> Path:
+    return make_diffusers_denoiser(tmp_path_factory.mktemp("ddpm"))
+
+
 def check_results(out: Path, image_ids: list[int], labels: list[int]):
     """results.parquet has the contract's schema and one row per selected image; returns it."""
     results = pq.read_table(out / "results.parquet")
@@ -175,24 +181,24 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
 ):
     out = tmp_path / "out"
     result = run_job("certify.py", "--preset", "imagenet", "--data", str(imagenet_tree),
-                     "--denoiser", str(guided_denoiser), "--classifier", "resnet10t",
+                     "--denoiser", str(guided_denoiser), "--classifier", "test_vit",
                      "--classifier-weights", str(timm_weights), *SMALL_RUN, "--out", str(out), env=job_env)
     assert succeeded(result)
     # image ids follow ImageFolder order: sorted class folders (n01, n02, n03), then file names
     check_results(out, image_ids=[0, 1, 2, 3], labels=[0, 0, 1, 1])
 
-    # The counts of the first scale equal a direct computation on torchvision's reference preprocessing
-    # (Resize 256, CenterCrop 224) of the same four files, with the same models and seed.
+    # The first scale's counts equal a direct computation on torchvision's reference preprocessing
+    # (Resize 256, CenterCrop 224) of the files that ids 0 and 2 name, with the same models and seed.
     counts = counts_to_arrays(read_counts(out / "counts"))
     assert counts.select_counts.shape[-1] == 1000 and counts.sigmas[0] == 1.0
-    paths = [imagenet_tree / folder / f"ILSVRC2012_val_{index}.JPEG" for folder in ("n01", "n02") for index in (0, 1)]
     reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
-    images = torch.stack([reference(Image.open(path).convert("RGB")) for path in paths])
-    spec = ModelSpec(str(guided_denoiser), "timm", "resnet10t", 1000, classifier_weights=str(timm_weights))
+    images = torch.stack([reference(Image.open(imagenet_tree / folder / "ILSVRC2012_val_0.JPEG").convert("RGB"))
+                          for folder in ("n01", "n02")])
+    spec = ModelSpec(str(guided_denoiser), "timm", "test_vit", 1000, classifier_weights=str(timm_weights))
     fused = FusedDenoiseClassify(*spec.load(), num_classes=1000, device="cpu", batch_size=400)
-    expected = fused.count(images, [0, 1, 2, 3], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
-    np.testing.assert_array_equal(counts.select_counts[:, 0], expected[Phase.SELECT][:, 0])
-    np.testing.assert_array_equal(counts.estimate_counts[:, 0], expected[Phase.ESTIMATE][:, 0])
+    expected = fused.count(images, [0, 2], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
+    np.testing.assert_array_equal(counts.select_counts[[0, 2], 0], expected[Phase.SELECT][:, 0])
+    np.testing.assert_array_equal(counts.estimate_counts[[0, 2], 0], expected[Phase.ESTIMATE][:, 0])
 
 
 def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
@@ -206,8 +212,9 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
     assert succeeded(result)
     table = check_results(out, image_ids=[0, 1, 2, 3], labels=CIFAR_LABELS[:4])
     # Every noisy sample is classified FAVOURED_CLASS, so stage 1 (sigma = 1) certifies it with the
-    # one-sided Clopper-Pearson bound for n of n successes, a^(1/n), at the union level a = alpha/6
-    # (three scales, two intervals each).
+    # one-sided Clopper-Pearson bound for n of n successes, a^(1/n), at the union level a = alpha/6:
+    # three scales were asked for, so T = 3·4/2 = 6 intervals, fixed before any count is seen, even
+    # though early exit never samples sigma 0.5 and 0.25 here.
     assert table["prediction"] == [FAVOURED_CLASS] * 4 and table["sigma"] == [1.0] * 4
     lower_bound = (0.001 / 6) ** (1 / 16)
     np.testing.assert_allclose(table["radius"], [norm.ppf(lower_bound)] * 4, rtol=1e-9)
@@ -216,20 +223,37 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
     assert (counts.estimate_counts[:, 0, FAVOURED_CLASS] == 16).all()
 
 
-@pytest.mark.parametrize("case", ["missing --data", "missing denoiser"])
-def test_missing_input_is_a_one_line_error(case, job_env, imagenet_tree, timm_weights, tmp_path):
-    models = ["--classifier", "resnet10t", "--classifier-weights", str(timm_weights)]
-    if case == "missing --data":
-        args = ["--denoiser", str(tmp_path), *models]
-        expected = "error: preset imagenet needs --data"
-    else:
-        args = ["--data", str(imagenet_tree), "--denoiser", str(tmp_path / "absent"), *models]
-        expected = f"error: denoiser directory not found: {tmp_path / 'absent'}"
-    result = run_job("certify_imagenet.py", *args, *SMALL_RUN, "--out", str(tmp_path / "out"), env=job_env)
+def test_missing_data_is_a_one_line_error_with_exit_code_2(job_env, timm_weights, tmp_path):
+    result = run_job("certify_imagenet.py", "--denoiser", str(tmp_path), "--classifier", "test_vit",
+                     "--classifier-weights", str(timm_weights), *SMALL_RUN, "--out", str(tmp_path / "out"), env=job_env)
     assert result.returncode == 2, result.stderr[-4000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(expected), result.stderr[-4000:]
+    assert len(errors) == 1 and errors[0].startswith("error: preset imagenet needs --data: an ImageNet-style"), (
+        result.stderr[-4000:])
+
+
+@pytest.mark.parametrize("missing", ["denoiser", "classifier weights"])
+def test_missing_checkpoint_fails_in_the_driver_in_one_line(
+    missing, ray_session, imagenet_tree, guided_denoiser, timm_weights, tmp_path, monkeypatch, capsys
+):
+    """Caught before any actor starts (an actor would fail with a Ray traceback instead), same exit path as
+    the job's `__main__` (run_main), in-process to spare a subprocess."""
+    from pipeline.cli import run_main
+
+    absent = tmp_path / "absent"
+    denoiser, weights = (absent, timm_weights) if missing == "denoiser" else (guided_denoiser, absent)
+    monkeypatch.setattr(sys, "argv", [
+        "certify_imagenet.py", "--data", str(imagenet_tree), "--denoiser", str(denoiser), "--classifier",
+        "test_vit", "--classifier-weights", str(weights), *SMALL_RUN, "--out", str(tmp_path / "out"),
+    ])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(load_imagenet_job().main)
+    assert exit_info.value.code == 2
+    expected = {"denoiser": f"error: denoiser directory not found: {absent}",
+                "classifier weights": f"error: weights file not found: {absent}"}[missing]
+    error = capsys.readouterr().err
+    assert error.startswith(expected) and error.count("\n") == 1, error
 
 
 def load_imagenet_job():
@@ -247,7 +271,7 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--data", "--denoiser", "--classifier", "--classifier-weights", "--out", "--num-images", "--skip",
-                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--resume"):
+                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--device", "--resume"):
         assert flag in text
     assert "convert_guided_diffusion.py" in text and "ray job submit" in text and "s3://" in text
     assert "imagenet  --sigmas 1,0.5,0.25  --n-select 100  --n 10000  --alpha 0.001  --skip 100" in text
@@ -262,6 +286,24 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
         assert request.sampling.sigmas == (1.0, 0.5, 0.25)
         assert (request.sampling.n_select, request.sampling.n, request.sampling.alpha) == (100, n, 0.001)
     assert request_from_args(build_parser("imagenet", "").parse_args([])).data.skip == 100
+
+
+def test_device_flag_decides_whether_actors_ask_for_a_gpu(monkeypatch):
+    """An autoscaling cluster starts with no GPU worker: only --device cuda makes the actors ask for one."""
+    from pipeline.certify_cli import build_parser, request_from_args
+
+    def parse(*flags: str):
+        return request_from_args(build_parser("imagenet", "").parse_args(list(flags)))
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert parse("--device", "cpu").execution.use_gpu is False
+    assert parse().execution.use_gpu is torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: this machine has no GPU"):
+            parse("--device", "cuda")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a submitted job; nothing connects with --num-actors given
+    execution = parse("--device", "cuda", "--num-actors", "8").execution
+    assert execution.use_gpu is True and execution.num_actors == 8
 
 
 def test_models_load_from_an_fsspec_url(diffusers_denoiser, tmp_path):

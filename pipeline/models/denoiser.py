@@ -100,7 +100,13 @@ def load_denoiser(path: str | Path) -> OneShotDenoiser:
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        # diffusers appends advice on flags this tool does not have (ignore_mismatched_sizes); drop it.
+        first_line = first_line.split(" If you want to instead overwrite")[0]
         raise UserError(f"could not load denoiser from {path}: {first_line}") from error
+    in_channels, out_channels = int(unet.config.in_channels), int(unet.config.out_channels)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise UserError(f"denoiser {path} has {in_channels} input and {out_channels} output channels; expected "
+                        f"{in_channels} (epsilon/x0/v) or {2 * in_channels} (with learned variance)")
     check_finite(unet, f"denoiser {path}")
     return denoiser_from_parts(unet.eval(), scheduler)
 

@@ -37,6 +37,10 @@ class ModelSpec:
     def load(self) -> tuple[OneShotDenoiser, torch.nn.Module]:
         with tempfile.TemporaryDirectory(prefix="mdds-models-") as scratch:  # loaded into memory, then removed
             denoiser = load_denoiser(local_copy(self.denoiser, scratch))
+            if denoiser.in_channels != self.in_chans:
+                # A UNet trained on other data (RGB for the gray digits) loads fine and would only fail mid-run.
+                raise UserError(f"denoiser {self.denoiser} takes {denoiser.in_channels}-channel images but the "
+                                f"data has {self.in_chans}: a checkpoint of the wrong architecture")
             if self.classifier_kind == "digits":
                 from pipeline.models.digits import load_digits_classifier
 

@@ -1,0 +1,264 @@
+"""Measure the certifier's speed against the published sampling loop, Ray Data and the hardware.
+
+    python jobs/benchmark.py                          # digits, CPU or GPU, all sections (~15 min on 2 cores)
+    python jobs/benchmark.py --quick --skip-ray       # tiny sizes, random weights: a smoke test
+    python jobs/benchmark.py --gpu-check              # ImageNet-size UNet + classifier, bf16, MFU (GPU)
+
+Writes OUT/benchmark.json and OUT/benchmark.md and prints the table. Every figure is a ratio of two
+runs made back to back in this process; the load average of the machine is recorded with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.cli import run_main
+from pipeline.errors import UserError
+
+TARGETS = {
+    "fused_speedup": 1.5,
+    "ray_efficiency": 0.85,
+    "adaptive_passes_saved": 0.40,
+    "adaptive_accuracy_points": 1.0,
+    "gpu_mfu": 0.40,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--preset", default="digits", help="data and models to benchmark (only digits; "
+                        "ImageNet-size models: --gpu-check)")
+    parser.add_argument("--out", default="outputs/benchmark", help="directory for benchmark.json / benchmark.md")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--num-images", type=int, default=8, help="images for the throughput sections")
+    parser.add_argument("--n", type=int, default=1000, help="estimation samples per image and scale")
+    parser.add_argument("--n-select", type=int, help="selection samples (preset default)")
+    parser.add_argument("--batch-size", type=int, help="samples per fused forward (preset default); the "
+                        "reference loop uses the same batch unless --reference-batch")
+    parser.add_argument("--reference-batch", type=int, help="batch of the reference-style loop")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repetitions of fused vs reference (median)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads in this process (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--denoiser", help="digits denoiser directory (default: the cached embedded model)")
+    parser.add_argument("--random-models", action="store_true",
+                        help="randomly initialised digits architectures (throughput only; no cache needed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and random models: checks that every section runs, not speed")
+    parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Data sections")
+    parser.add_argument("--skip-adaptive", action="store_true", help="skip adaptive vs fixed n")
+    parser.add_argument("--adaptive-images", type=int, default=30, help="images for adaptive vs fixed n")
+    parser.add_argument("--n-max", type=int, default=10_000, help="n of the fixed run = n_max of the adaptive run")
+    parser.add_argument("--radius-tolerance", type=float, default=0.05,
+                        help="adaptive: stop once the radius is within this of what n_max would give")
+    gpu = parser.add_argument_group("GPU")
+    gpu.add_argument("--gpu-check", action="store_true",
+                     help="only time an ImageNet-size guided-diffusion UNet + timm classifier (random weights)")
+    gpu.add_argument("--tiny", action="store_true", help="--gpu-check with a 32x32 UNet (runs on CPU)")
+    gpu.add_argument("--gpu-classifier", default="resnet50", help="timm classifier for --gpu-check")
+    gpu.add_argument("--compile", action="store_true", help="torch.compile the fused predict step")
+    gpu.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU (default: known GPUs)")
+    return parser
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def digits_models(args: argparse.Namespace, workdir: Path):
+    """(denoiser, classifier, ModelSpec) — random weights are saved to `workdir` so Ray actors can load them."""
+    from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
+    from pipeline.models.digits import (
+        digits_classifier_dir,
+        digits_denoiser_dir,
+        load_digits_classifier,
+        new_digits_classifier,
+        new_digits_scheduler,
+        new_digits_unet,
+    )
+    from pipeline.models.spec import ModelSpec
+
+    if args.random_models:
+        from safetensors.torch import save_file
+
+        torch.manual_seed(args.seed)
+        unet, scheduler, classifier = new_digits_unet(), new_digits_scheduler(), new_digits_classifier().eval()
+        denoiser_dir, classifier_dir = workdir / "denoiser", workdir / "classifier"
+        unet.save_pretrained(denoiser_dir, safe_serialization=True)
+        scheduler.save_pretrained(denoiser_dir)
+        classifier_dir.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in classifier.network.state_dict().items()},
+                  str(classifier_dir / "classifier.safetensors"))
+        denoiser = denoiser_from_parts(unet.eval(), scheduler)
+    else:
+        denoiser_dir = Path(args.denoiser) if args.denoiser else digits_denoiser_dir()
+        classifier_dir = digits_classifier_dir()
+        denoiser, classifier = load_denoiser(denoiser_dir), load_digits_classifier(classifier_dir)
+    spec = ModelSpec(str(denoiser_dir), "digits", str(classifier_dir), 10, in_chans=1)
+    return denoiser, classifier, spec
+
+
+def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    from pipeline import benchmark
+    from pipeline.digits_data import load_digits_split
+    from pipeline.fused import FusedDenoiseClassify
+    from pipeline.presets import get_preset
+
+    if args.preset != "digits":
+        raise UserError("the benchmark runs on --preset digits; for ImageNet-size models use --gpu-check")
+    preset = get_preset(args.preset)
+    split = load_digits_split()
+    denoiser, classifier, spec = digits_models(args, workdir)
+    batch_size = args.batch_size or preset.batch_size
+    fused = FusedDenoiseClassify(denoiser, classifier, preset.num_classes, device=device, batch_size=batch_size)
+    count = max(args.num_images, args.adaptive_images if not args.skip_adaptive else 0)
+    everything = benchmark.Workload(split.test_images[:count], np.arange(count), split.test_labels[:count],
+                                    preset.sigmas, args.n_select or preset.n_select, args.n, preset.alpha,
+                                    args.seed)
+    work = everything.subset(args.num_images)
+    report: dict = {"machine": benchmark.machine_info(device),
+                    "settings": {k: v for k, v in vars(args).items()}, "preset": preset.name}
+    print(f"[benchmark] fused step vs reference loop: {work.all_scales_samples} samples each", flush=True)
+    versus = benchmark.fused_vs_reference(fused, work, args.reference_batch or batch_size, args.repeats)
+    all_scales_counts = versus.pop("_fused_counts")
+    report["fused_vs_reference"] = versus
+    print("[benchmark] early exit vs all scales", flush=True)
+    report["early_exit"] = benchmark.early_exit(fused, work, all_scales_counts, versus["fused_s"])
+    report["flops"] = benchmark.flops_section(fused, tuple(work.images.shape[1:]), work.sigmas[0],
+                                              versus["fused_samples_per_s"], args.peak_tflops)
+    if args.skip_ray:
+        report["ray"] = {"skipped": True}
+    else:
+        print("[benchmark] Ray Data pipeline, 1 and 2 actors", flush=True)
+        report["ray"] = benchmark.ray_pipeline(spec, work, batch_size, device.type == "cuda", all_scales_counts,
+                                               versus["fused_s"], workdir)
+    if args.skip_adaptive:
+        report["adaptive"] = {"skipped": True}
+    else:
+        chosen = everything.subset(args.adaptive_images)
+        adaptive_work = benchmark.Workload(chosen.images, chosen.image_ids, chosen.labels, chosen.sigmas,
+                                           chosen.n_select, args.n_max, chosen.alpha, chosen.seed)
+        print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images", flush=True)
+        report["adaptive"] = benchmark.adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance)
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return report
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def markdown(report: dict) -> str:
+    """The headline table: measured value next to its target."""
+    machine = report["machine"]
+    lines = [
+        "| measurement | measured | target |",
+        "|---|---|---|",
+    ]
+    if "gpu_check" in report:
+        check = report["gpu_check"]
+        lines += [
+            f"| {check['denoiser']} + {check['classifier']}, {check['dtype']}, batch {check['batch_size']}"
+            f"{', compiled' if check['compiled'] else ''}: samples/s | {check['samples_per_s']:.1f} | |",
+            f"| FLOPs per sample | {check['flops_per_sample'] / 1e9:.2f} GFLOP | |",
+            f"| achieved | {check['achieved_flops_per_s'] / 1e12:.2f} TFLOP/s | |",
+            f"| MFU (dense bf16 peak {(check['peak_bf16_flops_per_s'] or 0) / 1e12:.0f} TFLOP/s) | "
+            f"{_pct(check['mfu'])} | ≥ {_pct(TARGETS['gpu_mfu'])} |",
+        ]
+    else:
+        versus, early, flops = report["fused_vs_reference"], report["early_exit"], report["flops"]
+        lines += [
+            f"| fused step vs reference loop, samples/s ({versus['fused_samples_per_s']:.0f} vs "
+            f"{versus['reference_samples_per_s']:.0f}; n={versus['n']}, {versus['images']} images × "
+            f"{len(versus['sigmas'])} scales) | {versus['speedup']:.2f}× | ≥ {TARGETS['fused_speedup']}× |",
+            f"| fused step vs reference loop, wall time ({versus['fused_s']:.1f} s vs {versus['reference_s']:.1f} s)"
+            f" | {versus['speedup']:.2f}× shorter | |",
+            f"| reference and fused agree on the top class of (image, scale) | "
+            f"{_pct(versus['argmax_agreement'])} | |",
+            f"| early exit vs --all-scales: forward passes saved | {_pct(early['forward_passes_saved'])} | |",
+            f"| early exit vs --all-scales: wall time saved ({early['early_exit_s']:.1f} s vs "
+            f"{early['all_scales_s']:.1f} s; same certificates: {early['same_certificates']}) | "
+            f"{_pct(early['wall_time_saved'])} | |",
+            f"| FLOPs per sample (denoiser + classifier) | {flops['flops_per_sample'] / 1e6:.1f} MFLOP | |",
+            f"| achieved FLOP/s of the fused step | {flops['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s | |",
+            f"| MFU | {_pct(flops['mfu']) if flops['mfu'] is not None else 'n/a (CPU)'} | |",
+        ]
+        ray = report["ray"]
+        if not ray.get("skipped"):
+            for actors, run in ray["by_actors"].items():
+                lines.append(f"| Ray Data pipeline vs raw fused step, {actors} actor(s) ({run['seconds']:.1f} s vs "
+                             f"{ray['raw_fused_s']:.1f} s; counts identical: {run['counts_equal_raw']}) | "
+                             f"{_pct(run['efficiency'])} | ≥ {_pct(TARGETS['ray_efficiency'])} |")
+            lines += [
+                f"| same, without the per-execution overhead ({ray['per_execution_overhead_s']:.1f} s), "
+                f"{ray['best_actors']} actor(s) | "
+                f"{_pct(ray['by_actors'][str(ray['best_actors'])]['efficiency_without_execution_overhead'])} | |",
+                f"| Ray start-up (ray.init, excluded from the above) | {ray['ray_startup_s_excluded']:.1f} s | |",
+            ]
+            if ray["scaling_1_to_2_actors"] is not None:
+                lines.append(f"| scaling from 1 to 2 actors | {ray['scaling_1_to_2_actors']:.2f}× | |")
+        adaptive = report["adaptive"]
+        if not adaptive.get("skipped"):
+            fixed, adapt = adaptive["fixed"], adaptive["adaptive"]
+            lines.append(f"| adaptive vs fixed n={adaptive['n_max']} ({adaptive['images']} images): forward passes "
+                         f"saved ({adapt['forward_passes']} vs {fixed['forward_passes']}) | "
+                         f"{_pct(adaptive['forward_passes_saved'])} | ≥ {_pct(TARGETS['adaptive_passes_saved'])} |")
+            for radius, fixed_accuracy in fixed["certified_accuracy"].items():
+                delta = 100 * (adapt["certified_accuracy"][radius] - fixed_accuracy)
+                target = f"within ±{TARGETS['adaptive_accuracy_points']:g} pt" if radius in ("0", "0.5") else ""
+                lines.append(f"| certified accuracy at r={radius}: fixed → adaptive | {_pct(fixed_accuracy)} → "
+                             f"{_pct(adapt['certified_accuracy'][radius])} ({delta:+.1f} pt) | {target} |")
+            lines.append(f"| ACR: fixed → adaptive | {fixed['acr']:.3f} → {adapt['acr']:.3f} | |")
+    load = machine["load_average_1_5_15_min"]
+    lines += ["", f"Machine: {machine['device']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+              f"{machine['torch_threads']} torch threads; load average (1/5/15 min) at start "
+              f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
+              + (f", at end {machine['load_average_at_end'][0]:.1f}" if "load_average_at_end" in machine else "")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.quick:
+        args.num_images, args.n, args.n_select = 2, 64, 16
+        args.adaptive_images, args.n_max, args.random_models = 2, 256, True
+        args.batch_size = args.batch_size or 128
+    for name in ("num_images", "n", "adaptive_images", "n_max", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mdds-benchmark-") as tmp:
+        if args.gpu_check:
+            from pipeline.benchmark import machine_info
+            from pipeline.gpu_check import GpuCheckSettings, run_gpu_check
+
+            settings = GpuCheckSettings(classifier=args.gpu_classifier, tiny=args.tiny, compile=args.compile,
+                                        batch_size=args.batch_size, peak_tflops=args.peak_tflops,
+                                        timed_batches=2 if args.quick else 4)
+            report = {"machine": machine_info(device), "settings": vars(args),
+                      "gpu_check": run_gpu_check(settings, device)}
+        else:
+            report = run_benchmark(args, device, Path(tmp))
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    (out / "benchmark.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    run_main(main)

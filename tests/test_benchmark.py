@@ -1,0 +1,205 @@
+"""The benchmark job and the pieces it measures: correctness only, never timings.
+
+Models here are randomly initialised digits architectures (no cache, no training): counts need to
+be deterministic and comparable, not accurate. The reference loop is checked against the fused step
+with a hand-made classifier whose class distribution under noise is spread over several classes,
+so that a wrong sigma or timestep in either path would show.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from pipeline.cli import run_main
+from pipeline.flops import flops_per_sample, peak_bf16_flops
+from pipeline.fused import FusedDenoiseClassify
+from pipeline.gpu import compile_predict
+from pipeline.noise import Phase
+from pipeline.reference_loop import reference_counts
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MeanIntensityClassifier(torch.nn.Module):
+    """Class = the nearest of 10 evenly spaced levels to the image's mean intensity: a smooth,
+    hand-checkable function, so the class distribution under noise is spread and stable."""
+
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.register_buffer("levels", torch.linspace(low, high, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.float().mean(dim=(1, 2, 3))
+        return -(mean[:, None] - self.levels[None, :]) ** 2
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small batches on a busy 2-core machine: a second torch thread costs more than it gives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def denoiser(one_thread):
+    from pipeline.models.denoiser import denoiser_from_parts
+    from pipeline.models.digits import new_digits_scheduler, new_digits_unet
+
+    torch.manual_seed(0)
+    return denoiser_from_parts(new_digits_unet().eval(), new_digits_scheduler())
+
+
+def spread_classifier(denoiser, image: np.ndarray, sigma: float) -> MeanIntensityClassifier:
+    """Levels from the 40 % to the 100 % quantile of the denoised mean intensity at this sigma: class 0
+    collects about 40 % of the votes (a clear top class), the rest spread over the others."""
+    noise = torch.randn((256, *image.shape), generator=torch.Generator().manual_seed(1))
+    noisy = torch.as_tensor(image)[None] + sigma * noise
+    step = torch.full((256,), denoiser.timestep_for_sigma(sigma))
+    with torch.inference_mode():
+        means = denoiser(noisy, step).mean(dim=(1, 2, 3))
+    low, high = torch.quantile(means, torch.tensor([0.4, 1.0]))
+    return MeanIntensityClassifier(float(low), float(high))
+
+
+def test_benchmark_quick_writes_json_and_table(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "benchmark.py"), "--quick", "--skip-ray", "--threads", "1",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert {"machine", "settings", "fused_vs_reference", "early_exit", "flops", "ray", "adaptive"} <= set(report)
+    assert len(report["machine"]["load_average_1_5_15_min"]) == 3
+    versus = report["fused_vs_reference"]
+    assert versus["samples"] == 2 * 3 * (16 + 64)  # --quick: 2 images × 3 digits scales × (n_select + n)
+    assert versus["speedup"] == pytest.approx(versus["reference_s"] / versus["fused_s"])
+    early = report["early_exit"]
+    assert early["same_certificates"] is True
+    assert early["forward_passes_early_exit"] <= early["forward_passes_all_scales"]
+    assert report["flops"]["flops_per_sample"] > 0 and report["flops"]["mfu"] is None  # CPU: no MFU
+    assert report["ray"] == {"skipped": True}
+    adaptive = report["adaptive"]
+    for run in ("fixed", "adaptive"):  # --quick: 2 images, n_max 256; never more than every scale in full
+        assert 0 < adaptive[run]["forward_passes"] <= 2 * 3 * (16 + 256)
+    assert set(adaptive["fixed"]["certified_accuracy"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    table = (tmp_path / "benchmark.md").read_text()
+    assert table.startswith("| measurement | measured | target |") and table in result.stdout
+
+
+def test_benchmark_rejects_other_presets(tmp_path: Path, monkeypatch, capsys) -> None:
+    spec = importlib.util.spec_from_file_location("benchmark_job", REPO / "jobs" / "benchmark.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--preset", "imagenet", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(job.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "benchmark.json").exists()
+
+
+def test_reference_loop_counts_follow_the_same_distribution(denoiser) -> None:
+    """Same models, independent noise streams: the class distributions of the reference loop and
+    the fused step at each scale are statistically indistinguishable (chi-square test) and agree
+    on the top class; a sigma off by 2× (the [0,1] vs [-1,1] slip) is detected by the same test."""
+    from pipeline.digits_data import load_digits_split
+
+    image = load_digits_split().test_images[:1]
+    sigmas = (0.5, 0.25)
+    for scale, sigma in enumerate(sigmas):
+        classifier = spread_classifier(denoiser, image[0], sigma)
+        fused = FusedDenoiseClassify(denoiser, classifier, 10, device="cpu", batch_size=512)
+        fused_counts = fused.count(image, [0], [sigma], {Phase.ESTIMATE: 1500}, seed=0)[Phase.ESTIMATE][0, 0]
+        reference = reference_counts(denoiser, classifier, image, [sigma], 1, 1500, 512, 10, "cpu", seed=1)
+        reference_counts_ = reference[Phase.ESTIMATE][0, 0]
+        assert reference[Phase.SELECT].sum() == 1 and reference_counts_.sum() == 1500
+        table = np.array([fused_counts, reference_counts_])
+        table = table[:, table.sum(axis=0) > 0]
+        assert chi2_contingency(table).pvalue > 1e-3, table
+        assert fused_counts.argmax() == reference_counts_.argmax()
+        doubled = reference_counts(denoiser, classifier, image, [2 * sigma], 1, 1500, 512, 10, "cpu", seed=1)
+        wrong = np.array([fused_counts, doubled[Phase.ESTIMATE][0, 0]])
+        assert chi2_contingency(wrong[:, wrong.sum(axis=0) > 0]).pvalue < 1e-6
+
+
+def test_fused_counts_do_not_depend_on_batch_size(denoiser) -> None:
+    from pipeline.models.digits import new_digits_classifier
+
+    torch.manual_seed(1)
+    classifier = new_digits_classifier().eval()
+    images = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
+    samples = {Phase.SELECT: 10, Phase.ESTIMATE: 100}
+    counts = [FusedDenoiseClassify(denoiser, classifier, 10, device="cpu", batch_size=size).count(
+        images, [4, 5], [0.5, 0.25], samples, seed=2) for size in (1, 100, 1000)]
+    for other in counts[1:]:
+        for phase in samples:
+            np.testing.assert_array_equal(other[phase], counts[0][phase])
+
+
+def test_compiled_predict_pads_to_one_shape_and_keeps_counts(denoiser, monkeypatch) -> None:
+    """The static-shape wrapper, with an identity in place of torch.compile (no tracing)."""
+    from pipeline.models.digits import new_digits_classifier
+
+    torch.manual_seed(1)
+    classifier = new_digits_classifier().eval()
+    images = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
+    samples = {Phase.SELECT: 10, Phase.ESTIMATE: 150}
+    expected = FusedDenoiseClassify(denoiser, classifier, 10, device="cpu", batch_size=100).count(
+        images, [0, 1], [0.5], samples, seed=0)
+    shapes = []
+    original = FusedDenoiseClassify.predict
+
+    def recording_predict(self, noisy, timesteps):
+        shapes.append(len(noisy))
+        return original(self, noisy, timesteps)
+
+    monkeypatch.setattr(FusedDenoiseClassify, "predict", recording_predict)
+    wrapped = FusedDenoiseClassify(denoiser, classifier, 10, device="cpu", batch_size=100)
+    compile_predict(wrapped, compiler=lambda function, **options: function)
+    counts = wrapped.count(images, [0, 1], [0.5], samples, seed=0)
+    assert set(shapes) == {100 + 63}  # batch_size + NOISE_CHUNK - 1, whatever each batch held
+    for phase in samples:
+        np.testing.assert_array_equal(counts[phase], expected[phase])
+
+
+def test_flops_per_sample_counts_the_classifier_per_sample(denoiser) -> None:
+    """Two linear classifiers differing by 10 output features differ by 2·256·10 FLOPs per sample."""
+
+    def fused_with(outputs: int) -> FusedDenoiseClassify:
+        classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, outputs))
+        return FusedDenoiseClassify(denoiser, classifier, outputs, device="cpu")
+
+    small, large = (flops_per_sample(fused_with(k), (1, 16, 16), 0.5, probe_batch=3) for k in (10, 20))
+    assert large - small == pytest.approx(2 * 256 * 10)
+    assert small > 2 * 256 * 10  # the UNet is counted too
+
+
+def test_peak_table_and_override() -> None:
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert peak_bf16_flops("NVIDIA A10G") == 70e12
+    assert peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("Some Future GPU") is None
+    assert peak_bf16_flops("NVIDIA L4", override_tflops=100.0) == 100e12
+
+
+def test_gpu_check_runs_its_cpu_path_with_a_tiny_unet(one_thread) -> None:
+    from pipeline.gpu_check import GpuCheckSettings, run_gpu_check
+
+    result = run_gpu_check(GpuCheckSettings(tiny=True, batch_size=64, timed_batches=1), torch.device("cpu"))
+    assert result["samples"] >= 64 and result["samples_per_s"] > 0
+    assert result["flops_per_sample"] > 0 and result["mfu"] is None
+    assert result["achieved_flops_per_s"] == pytest.approx(result["flops_per_sample"] * result["samples_per_s"])

@@ -1,0 +1,152 @@
+"""Resume and fault tolerance of the certify job (issue 7 parts 3-4) on the real Ray pipeline.
+
+A run killed with SIGKILL and resumed, a resume that finds a half-written shard, and a run whose actor
+dies once mid-batch must all end with exactly the counts and results of an uninterrupted run: noise is
+counter-seeded, shards are content-named and written atomically, and Ray retries a dead actor's batch.
+The uninterrupted reference and the resumes run in this process on the session's Ray (cheaper on two
+cores); the run that gets killed is a real `jobs/certify.py` subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.actor import FAIL_ONCE_ENV
+from pipeline.shards import read_shards
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# 12 images in batches of 4: three shards for the first scale, so a kill after the first is mid-pass.
+# At sigma=1 most digits fall through to 0.25, so a resume also has to rebuild the early-exit stage.
+SETTINGS = ("--num-images", "12", "--n", "100", "--n-select", "20", "--images-per-batch", "4",
+            "--sigmas", "1.0,0.25")
+
+pytestmark = pytest.mark.slow
+
+
+def run_certify(monkeypatch, capfd, *args: str) -> tuple[int, str]:
+    """jobs/certify.py run in this process (sharing the session's Ray): (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["certify.py", *args])
+    try:
+        runpy.run_path(str(REPO_ROOT / "jobs" / "certify.py"), run_name="__main__")
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    return code, capfd.readouterr().err
+
+
+def sorted_counts(out: Path) -> pa.Table:
+    return read_shards(str(out / "counts")).sort_by([("image_id", "ascending"), ("sigma", "descending")])
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `directory` with its modification time and bytes."""
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    """Counts rows equal and results.parquet identical byte for byte."""
+    counts, expected = sorted_counts(out), sorted_counts(reference)
+    assert counts.num_rows == expected.num_rows > 0
+    assert counts.equals(expected)
+    assert (out / "results.parquet").read_bytes() == (reference / "results.parquet").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, digits_cache, ray_session) -> Path:
+    """An uninterrupted run: the reference every interrupted one must reproduce exactly."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["certify.py", *SETTINGS, "--out", str(out)])
+        runpy.run_path(str(REPO_ROOT / "jobs" / "certify.py"), run_name="__main__")
+    rows_per_scale = Counter(read_shards(str(out / "counts"))["sigma"].to_pylist())
+    assert rows_per_scale[1.0] == 12
+    assert rows_per_scale[0.25] > 0, "no image reached the second stage: the resume tests would be weak"
+    return out
+
+
+def kill_after_first_shard(out: Path, timeout_s: float = 300.0) -> None:
+    """Start the job in its own process group and SIGKILL all of it (driver and local Ray) as soon as
+    its first counts shard exists."""
+    job = subprocess.Popen([sys.executable, "jobs/certify.py", *SETTINGS, "--out", str(out)], cwd=REPO_ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not list((out / "counts").glob("part-*.parquet")):
+            assert job.poll() is None, f"the job ended (exit {job.returncode}) before writing a shard"
+            assert time.monotonic() < deadline, "no counts shard appeared in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, clean_run, monkeypatch, capfd):
+    out = tmp_path / "out"
+    kill_after_first_shard(out)
+    assert not (out / "results.parquet").exists()
+    shards = sorted((out / "counts").glob("part-*.parquet"))
+    for shard in shards:  # whatever the kill interrupted, no shard a resume would trust is partial
+        pq.read_table(shard)
+    assert read_shards(str(out / "counts")).num_rows < sorted_counts(clean_run).num_rows
+    kept = {shard.name: shard.stat().st_mtime_ns for shard in shards}
+
+    code, err = run_certify(monkeypatch, capfd, *SETTINGS, "--out", str(out), "--resume")
+
+    assert code == 0, err
+    assert_same_run(out, clean_run)
+    # the shards of the killed run were reused, not recomputed
+    assert {name: (out / "counts" / name).stat().st_mtime_ns for name in kept} == kept
+
+
+def test_resume_recomputes_half_written_and_garbage_shards(tmp_path, clean_run, monkeypatch, capfd):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run / "counts", out / "counts")
+    shutil.copy(clean_run / "run_config.json", out)
+    # two of the three first-stage shards: the resume must redo them, then find stage 2 already done
+    truncated, garbage, _ = sorted((out / "counts").glob("part-s1-*.parquet"))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])  # a non-atomic writer killed mid-file
+    garbage.write_bytes(b"not parquet at all" * 10)
+    assert read_shards(str(out / "counts")).num_rows == sorted_counts(clean_run).num_rows - 8
+
+    code, err = run_certify(monkeypatch, capfd, *SETTINGS, "--out", str(out), "--resume")
+
+    assert code == 0, err
+    assert_same_run(out, clean_run)  # so the rows of both unreadable shards were recomputed
+
+
+def test_resume_with_changed_settings_is_refused_and_keeps_files(tmp_path, clean_run, monkeypatch, capfd):
+    out = tmp_path / "out"
+    shutil.copytree(clean_run, out)
+    before = snapshot(out)
+    changed = [arg if arg != "100" else "200" for arg in SETTINGS]  # --n 100 → --n 200
+
+    code, err = run_certify(monkeypatch, capfd, *changed, "--out", str(out), "--resume")
+
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert err.strip().rsplit(":", 1)[-1].split() == ["n"]  # names the one setting that changed
+    assert snapshot(out) == before
+
+
+def test_actor_killed_mid_batch_gives_the_clean_counts(tmp_path, clean_run, monkeypatch, capfd):
+    out, marker = tmp_path / "out", tmp_path / "actor-died"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+
+    code, err = run_certify(monkeypatch, capfd, *SETTINGS, "--out", str(out))
+
+    assert code == 0, err
+    assert marker.exists(), "the injected failure never fired: the variable did not reach the actors"
+    assert_same_run(out, clean_run)

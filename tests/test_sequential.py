@@ -1,0 +1,243 @@
+"""Confidence sequences (pipeline/sequential.py) and adaptive sampling (pipeline/adaptive.py).
+
+Coverage is measured by Monte Carlo with fixed seeds at alpha = 0.1 (so misses are frequent enough
+to count). A miss rate that truly is <= alpha exceeds alpha + 4·sqrt(alpha(1-alpha)/R) with
+probability about 3e-5 (normal approximation), which is the tolerance. Each coverage test also
+shows that the same check catches a method that is *not* time-uniform (Clopper-Pearson re-evaluated
+after every look), so the tests can fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import ndtri
+from scipy.stats import beta
+
+from pipeline.adaptive import (
+    AdaptiveSettings,
+    certify_cascade_sequential,
+    round_ends,
+    run_adaptive,
+    run_fixed,
+)
+from pipeline.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade
+from pipeline.noise import NOISE_CHUNK, Phase
+from pipeline.sequential import log_capital, sequence_lower, sequence_upper
+from pipeline.votes import CachedVoteSource, FusedVoteSource, VoteRequests
+
+ALPHA = 0.1
+
+
+def tolerance(trials: int) -> float:
+    return 4 * np.sqrt(ALPHA * (1 - ALPHA) / trials)
+
+
+class MultinomialVotes:
+    """Votes drawn from known class probabilities (M, K, C): fresh, independent samples per request."""
+
+    def __init__(self, probabilities: np.ndarray, seed: int):
+        self.probabilities = probabilities
+        self.num_classes = probabilities.shape[-1]
+        self.rng = np.random.default_rng(seed)
+
+    def votes(self, requests: VoteRequests) -> np.ndarray:
+        return self.rng.multinomial(requests.stops - requests.starts,
+                                    self.probabilities[requests.rows, requests.stages]).astype(np.int64)
+
+
+# --- the confidence sequence ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.99])
+def test_lower_sequence_misses_at_most_alpha_over_all_times(p: float) -> None:
+    """P[∃ t <= T: p < p̲_t] <= alpha, with every t from 1 to T checked (through the capital, which
+    is equivalent to the bound: see the next test)."""
+    rng = np.random.default_rng(int(p * 1000))
+    sequences, horizon = 1500, 500
+    successes = np.cumsum(rng.random((sequences, horizon)) < p, axis=1)
+    trials = np.arange(1, horizon + 1)
+    evidence = log_capital(successes, trials, p)
+    miss_rate = np.mean((evidence >= np.log(1 / ALPHA)).any(axis=1))
+    assert miss_rate <= ALPHA + tolerance(sequences)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.97])
+def test_bounds_miss_at_most_alpha_at_every_look_together(p: float) -> None:
+    """The bound functions themselves at geometric looks; and fixed-n Clopper-Pearson re-evaluated
+    at the same looks (peeking) does miss more often than alpha, so the check has power."""
+    rng = np.random.default_rng(7)
+    sequences = 2500
+    looks = np.array([16, 32, 64, 128, 256, 512, 1024, 2048])
+    draws = rng.binomial(np.diff(looks, prepend=0), p, size=(sequences, len(looks)))
+    successes = np.cumsum(draws, axis=1)
+    lower_miss = (sequence_lower(successes, looks, ALPHA) > p).any(axis=1).mean()
+    upper_miss = (sequence_upper(successes, looks, ALPHA) < p).any(axis=1).mean()
+    assert lower_miss <= ALPHA + tolerance(sequences)
+    assert upper_miss <= ALPHA + tolerance(sequences)
+    peeking = beta.ppf(ALPHA, np.maximum(successes, 1e-12), looks - successes + 1)
+    assert ((peeking > p) & (successes > 0)).any(axis=1).mean() > ALPHA + tolerance(sequences)
+
+
+def test_lower_bound_is_the_edge_of_the_rejected_means() -> None:
+    """p < p̲ exactly when the capital at p reaches 1/level (what makes the coverage carry over)."""
+    rng = np.random.default_rng(3)
+    trials = rng.integers(1, 5000, size=400)
+    successes = rng.binomial(trials, rng.random(400))
+    bound = sequence_lower(successes, trials, ALPHA)
+    for offset in (-1e-6, 1e-6):
+        probe = np.clip(bound + offset, 1e-9, 1 - 1e-9)
+        rejected = log_capital(successes, trials, probe) >= np.log(1 / ALPHA)
+        np.testing.assert_array_equal(rejected, probe < bound)
+
+
+def test_bounds_are_ordered_and_monotone() -> None:
+    trials = 500
+    successes = np.arange(trials + 1)
+    lower, upper = sequence_lower(successes, trials, 0.01), sequence_upper(successes, trials, 0.01)
+    assert np.all(np.diff(lower) >= 0) and np.all(np.diff(upper) >= 0)
+    assert np.all((0 <= lower) & (lower <= successes / trials) & (successes / trials <= upper) & (upper <= 1))
+    assert np.all(sequence_lower(successes, trials, 0.2) >= lower)  # a larger miss level gives a tighter bound
+    everything = np.array([10, 100, 1000, 10_000])
+    assert np.all(np.diff(sequence_lower(everything, everything, 0.01)) > 0)  # all votes: more is better
+    assert sequence_lower(0, 0, 0.01) == 0.0 and sequence_upper(0, 0, 0.01) == 1.0
+
+
+def test_sequence_costs_little_against_clopper_pearson_at_fixed_n() -> None:
+    """The price of time-uniformity at the digits default (n = 10,000, level alpha/5): a slightly
+    lower bound, a small fraction of Clopper-Pearson's distance from the rate."""
+    n, level = 10_000, 0.001 / 5
+    for rate in (0.6, 0.85, 0.99):
+        k = int(rate * n)
+        clopper = beta.ppf(level, k, n - k + 1)
+        sequence = sequence_lower(k, n, level)
+        assert clopper - 0.5 * (rate - clopper) < sequence < clopper
+
+
+# --- adaptive certification: soundness ------------------------------------------------------
+
+
+def over_claims(prediction, radius, true_class, true_radius) -> np.ndarray:
+    return (prediction >= 0) & ((prediction != true_class) | (radius > true_radius + 1e-12))
+
+
+def test_round_ends_are_whole_chunks_up_to_n_max() -> None:
+    ends = round_ends(10_000)
+    assert ends[-1] == 10_000 and np.all(np.diff(ends) > 0) and np.all(ends[:-1] % NOISE_CHUNK == 0)
+    assert round_ends(100).tolist() == [100]
+
+
+@pytest.mark.parametrize("distance", [0.0, 0.05, 0.3])
+def test_adaptive_single_scale_violations_at_most_alpha(distance: float) -> None:
+    """LinearBinary at signed distance d: the true radius is |d|, so any certificate above it (or of
+    the wrong class) violates. d = 0 is the worst case (any certificate violates). A peeking
+    Clopper-Pearson rule on the same votes violates far more often than alpha."""
+    sigma, trials, model = 0.5, 2000, LinearBinary(weights=np.array([1.0]), bias=0.0)
+    x = np.full((trials, 1), distance)
+    probabilities = model.probabilities(x, sigma)[:, None, :]
+    settings = AdaptiveSettings(sigmas=(sigma,), n_select=20, n_max=4096, alpha=ALPHA, radius_tolerance=0.0)
+    outcome = run_adaptive(MultinomialVotes(probabilities, seed=11), trials, settings)
+    violations = over_claims(outcome.result.prediction, outcome.result.radius, model.smoothed_class(x),
+                             model.true_radius(x))
+    assert violations.mean() <= ALPHA + tolerance(trials)
+    if distance == 0.0:  # at the boundary, a rule that stops once Clopper-Pearson certifies over-claims
+        looks = round_ends(4096)
+        votes = np.random.default_rng(5).binomial(np.diff(looks, prepend=0), 0.5, size=(trials, len(looks)))
+        peeking = beta.ppf(ALPHA, np.maximum(np.cumsum(votes, 1), 1e-12), looks - np.cumsum(votes, 1) + 1)
+        assert (peeking >= 0.5).any(axis=1).mean() > ALPHA + tolerance(trials)
+
+
+def test_adaptive_cascade_violations_at_most_alpha() -> None:
+    """The three-scale analytic cascade at inputs covering every branch of method.md §4 (certificates
+    at each stage, caps from earlier stages, the sigma=1.0 boundary)."""
+    model, trials = example_cascade(), 250
+    names = list(EXAMPLE_CASCADE_INPUTS)
+    u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
+    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=12), len(u), settings)
+    true_class = model.population_prediction(u)
+    violations = over_claims(outcome.result.prediction, outcome.result.radius, true_class,
+                             model.true_radius(u, outcome.result.prediction))
+    rates = violations.reshape(len(names), trials).mean(axis=1)
+    assert np.all(rates <= ALPHA + tolerance(trials)), dict(zip(names, rates))
+    certified = (outcome.result.prediction >= 0).reshape(len(names), trials).mean(axis=1)
+    assert certified[names.index("sigma 0.25 certifies, cap from 0.5 binds (tight)")] > 0.5  # caps work
+
+
+def test_adaptive_saves_samples_and_replays_from_its_counts() -> None:
+    """Against fixed n on the same analytic inputs: fewer samples; and the certificates are a
+    function of the stored counts alone (what the reduce stage recomputes)."""
+    model, trials = example_cascade(), 50
+    u = np.repeat(list(EXAMPLE_CASCADE_INPUTS.values()), trials)
+    probabilities = model.probabilities(u)
+    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=0.01)
+    adaptive = run_adaptive(MultinomialVotes(probabilities, seed=1), len(u), settings)
+    fixed = run_fixed(MultinomialVotes(probabilities, seed=2), len(u), model.sigmas, 30, 4096, 0.01)
+    assert adaptive.forward_passes < 0.6 * fixed.forward_passes
+    replayed = certify_cascade_sequential(adaptive.select_counts, adaptive.estimate_counts, model.sigmas, 0.01,
+                                          fell_through=adaptive.consulted[:, 1:])
+    np.testing.assert_array_equal(replayed.prediction, adaptive.result.prediction)
+    np.testing.assert_array_equal(replayed.radius, adaptive.result.radius)
+
+
+def test_certify_sequential_reads_like_the_fixed_cascade() -> None:
+    """Hand-checkable single scale: the radius is sigma·Φ⁻¹(p̲) with p̲ the sequence's lower bound."""
+    select = np.array([[[50, 0]], [[0, 50]], [[25, 25]]])
+    estimate = np.array([[[990, 10]], [[300, 700]], [[480, 520]]])
+    result = certify_cascade_sequential(select, estimate, [0.5], 0.01)
+    lower = sequence_lower(990, 1000, 0.01)
+    assert result.prediction.tolist() == [0, 1, -1]
+    assert result.radius[0] == pytest.approx(0.5 * ndtri(lower))
+    assert result.radius[1] == pytest.approx(0.5 * ndtri(sequence_lower(700, 1000, 0.01)))
+
+
+# --- the fused vote source: same noise as the fused step ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_fused():
+    """Random-weight digits architectures: counts only need to be deterministic, not meaningful.
+    One torch thread: for batches this small, a second thread on a busy 2-core machine costs ~5×."""
+    from pipeline.fused import FusedDenoiseClassify
+    from pipeline.models.denoiser import denoiser_from_parts
+    from pipeline.models.digits import new_digits_classifier, new_digits_scheduler, new_digits_unet
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    denoiser = denoiser_from_parts(new_digits_unet().eval(), new_digits_scheduler())
+    yield FusedDenoiseClassify(denoiser, new_digits_classifier().eval(), 10, device="cpu", batch_size=200)
+    torch.set_num_threads(threads)
+
+
+def test_vote_ranges_reproduce_the_fused_counts(tiny_fused) -> None:
+    """Votes of [0, n) in arbitrary pieces equal fused.count's: shared counter-seeded noise."""
+    images = np.random.default_rng(0).random((2, 1, 16, 16), dtype=np.float32)
+    ids, sigmas, totals = [7, 9], [0.5, 0.25], {Phase.SELECT: 20, Phase.ESTIMATE: 100}
+    expected = tiny_fused.count(images, ids, sigmas, totals, seed=3)
+    source = FusedVoteSource(tiny_fused, images, ids, sigmas, totals, seed=3)
+    rows, stages = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])  # the (image, scale) order of count()
+    pieces = VoteRequests.concat([
+        VoteRequests(rows, stages, np.full(4, int(Phase.ESTIMATE)), np.zeros(4), np.full(4, 64)),
+        VoteRequests(rows, stages, np.full(4, int(Phase.ESTIMATE)), np.full(4, 64), np.full(4, 100)),
+        VoteRequests(np.array([1]), np.array([1]), np.array([int(Phase.SELECT)]), np.array([0]), np.array([20])),
+    ])
+    votes = source.votes(pieces)
+    np.testing.assert_array_equal(votes[:4] + votes[4:8], expected[Phase.ESTIMATE].reshape(4, 10))
+    np.testing.assert_array_equal(votes[8], expected[Phase.SELECT][1, 1])
+    cached = CachedVoteSource(source)
+    np.testing.assert_array_equal(cached.votes(pieces), votes)
+    np.testing.assert_array_equal(cached.votes(pieces), votes)  # served from the cache the second time
+
+
+def test_adaptive_votes_are_a_prefix_of_the_fixed_run(tiny_fused) -> None:
+    images = np.random.default_rng(1).random((2, 1, 16, 16), dtype=np.float32)
+    sigmas, n_max = (0.5, 0.25), 256
+    source = FusedVoteSource(tiny_fused, images, [0, 1], sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: n_max}, 0)
+    outcome = run_adaptive(source, 2, AdaptiveSettings(sigmas, 16, n_max, alpha=0.2, first_round=64))
+    used = outcome.estimate_counts.sum(axis=2)
+    rows, stages = np.nonzero(used)
+    prefix = source.votes(VoteRequests(rows, stages, np.full(len(rows), int(Phase.ESTIMATE)),
+                                       np.zeros(len(rows)), used[rows, stages]))
+    np.testing.assert_array_equal(prefix, outcome.estimate_counts[rows, stages])
