@@ -71,7 +71,7 @@ class FusedDenoiseClassify(torch.nn.Module):
             if self.device.type == "cuda":
                 noisy = noisy.contiguous(memory_format=torch.channels_last)
             denoised = self.denoiser(noisy, timesteps)
-            return self.classifier(denoised.float() if self.device.type != "cuda" else denoised).argmax(dim=1)
+            return self.classifier(denoised).argmax(dim=1)
 
     def _batches(self, units: list[WorkUnit]) -> Iterator[list[WorkUnit]]:
         """Pack whole chunks into batches of about `batch_size` samples."""
