@@ -50,9 +50,9 @@ def collect_counts(request: CertifyRequest, min_select: int = 1) -> tuple[Worklo
     if not 0 < sampling.alpha < 1:
         raise UserError(f"--alpha must be in (0, 1), got {sampling.alpha}")
     prepare_out_dir(request.out, request.overwrite, request.resume)
-    check_resume(request.out, sampling, request.resume)
     init_ray()
     workload = build_workload(request.preset, request.data, request.models)
+    check_resume(request.out, sampling, request.resume)  # only once the models load: a failed start leaves OUT empty
     counts = sample_counts(workload.dataset, workload.image_ids, workload.model_spec, sampling,
                            request.execution, join(request.out, "counts"))
     return workload, counts_to_arrays(counts, sampling.sigmas)

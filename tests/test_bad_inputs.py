@@ -179,10 +179,11 @@ def _no_scheduler(root: Path) -> Path:
     (_missing, ["denoiser directory not found"]),
     (_nan_weights, ["NaN", "conv_out.weight"]),
     (_rgb_unet, ["3-channel", "wrong architecture"]),
-    (_weights_of_another_unet, ["could not load denoiser", "expected shape"]),
+    (_weights_of_another_unet, ["could not load denoiser", "weights do not fit config.json", "expected shape"]),
     (_corrupt_safetensors, ["could not load denoiser"]),
     (_no_scheduler, ["scheduler_config.json"]),
-], ids=lambda value: getattr(value, "__name__", "")[1:] if callable(value) else "")
+], ids=["missing", "nan_weights", "rgb_unet_for_gray_data", "weights_of_another_unet", "corrupt_safetensors",
+        "no_scheduler"])
 def test_bad_denoiser(make, fragments, tmp_path, digits_cache, ray_session, monkeypatch, capfd):
     denoiser = make(tmp_path)
     before = snapshot(denoiser) if denoiser.exists() else {}
@@ -246,7 +247,7 @@ def _truncated(path: Path) -> None:
     (_duplicate_rows, "1 duplicate (image_id, sigma) rows"),
     (_garbage_bytes, "cannot read counts Parquet"),
     (_truncated, "cannot read counts Parquet"),
-], ids=lambda value: getattr(value, "__name__", "")[1:] if callable(value) else "")
+], ids=["wrong_schema", "wrong_type", "duplicate_rows", "garbage_bytes", "truncated"])
 def test_reduce_rejects_bad_counts(make, fragment, tmp_path, monkeypatch, capfd):
     counts = tmp_path / "counts.parquet"
     make(counts)
@@ -341,12 +342,8 @@ def test_unreadable_images_skipped_and_listed(tiny_imagenet, tmp_path, ray_sessi
     assert "a.png" not in skipped[0] and "c.png" not in skipped[0]
 
 
-MISSING_FILE_FIX = ("Ray's read_binary_files raises FileNotFoundError with a traceback; fix proposed for "
-                    "pipeline/sources/class_folder.py in the issue-7 report")
-
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=MISSING_FILE_FIX)
 def test_missing_image_file_fails_by_default(tiny_imagenet, tmp_path, ray_session, monkeypatch, capfd):
     args = imagenet_args(tiny_imagenet, tmp_path / "out", "--on-bad-image", "fail", data="missing_data")
     code, err = run_job("certify.py", args, monkeypatch, capfd)
@@ -354,7 +351,6 @@ def test_missing_image_file_fails_by_default(tiny_imagenet, tmp_path, ray_sessio
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=MISSING_FILE_FIX)
 def test_missing_image_file_skipped_and_listed(tiny_imagenet, tmp_path, ray_session, monkeypatch, capfd):
     out = tmp_path / "out"
     args = imagenet_args(tiny_imagenet, out, "--on-bad-image", "skip", data="missing_data")

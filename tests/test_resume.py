@@ -77,15 +77,17 @@ def clean_run(tmp_path_factory, digits_cache, ray_session) -> Path:
     return out
 
 
-def kill_after_first_shard(out: Path, timeout_s: float = 300.0) -> None:
+def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0) -> None:
     """Start the job in its own process group and SIGKILL all of it (driver and local Ray) as soon as
     its first counts shard exists."""
-    job = subprocess.Popen([sys.executable, "jobs/certify.py", *SETTINGS, "--out", str(out)], cwd=REPO_ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    with log.open("wb") as output:
+        job = subprocess.Popen([sys.executable, "jobs/certify.py", *SETTINGS, "--out", str(out)], cwd=REPO_ROOT,
+                               stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
         while not list((out / "counts").glob("part-*.parquet")):
-            assert job.poll() is None, f"the job ended (exit {job.returncode}) before writing a shard"
+            assert job.poll() is None, f"the job ended (exit {job.returncode}) before writing a shard:\n" \
+                                       f"{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no counts shard appeared in time"
             time.sleep(0.05)
     finally:
@@ -95,7 +97,7 @@ def kill_after_first_shard(out: Path, timeout_s: float = 300.0) -> None:
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, clean_run, monkeypatch, capfd):
     out = tmp_path / "out"
-    kill_after_first_shard(out)
+    kill_after_first_shard(out, tmp_path / "killed-job.log")
     assert not (out / "results.parquet").exists()
     shards = sorted((out / "counts").glob("part-*.parquet"))
     for shard in shards:  # whatever the kill interrupted, no shard a resume would trust is partial

@@ -64,7 +64,12 @@ def class_folder_dataset(
     paths = {int(image_id): posixpath.join(root_path, ordered[image_id]) for image_id in selected}
     locations = {image_id: display_path(fs, path) for image_id, path in paths.items()}
     rows_by_path = {path: (image_id, int(labels[image_id]), locations[image_id]) for image_id, path in paths.items()}
-    files = ray.data.read_binary_files(list(paths.values()), include_paths=True, filesystem=pyarrow_filesystem(fs))
+    try:  # a listed file can be gone by now (a broken link, a file deleted since the listing)
+        files = ray.data.read_binary_files(list(paths.values()), include_paths=True,
+                                           filesystem=pyarrow_filesystem(fs),
+                                           ignore_missing_paths=on_bad_image == "skip")
+    except FileNotFoundError as error:
+        raise UserError(f"image file missing: {error}") from None
     with_ids = files.map_batches(_attach_ids, batch_format="numpy", fn_kwargs={"rows_by_path": rows_by_path})
     dataset = decode_step(with_ids, mode=mode, resize=resize, crop=crop, on_bad_image=on_bad_image)
     info = SourceInfo(
