@@ -102,6 +102,8 @@ def load_denoiser(path: str | Path) -> OneShotDenoiser:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         # diffusers appends advice on flags this tool does not have (ignore_mismatched_sizes); drop it.
         first_line = first_line.split(" If you want to instead overwrite")[0]
+        if "expected shape" in first_line:  # config.json and weights from different architectures
+            first_line = "weights do not fit config.json: " + first_line.split("because ", 1)[-1]
         raise UserError(f"could not load denoiser from {path}: {first_line}") from error
     in_channels, out_channels = int(unet.config.in_channels), int(unet.config.out_channels)
     if out_channels not in (in_channels, 2 * in_channels):
