@@ -24,10 +24,12 @@ def ray_session():
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory) -> Path:
     """The embedded digits models, trained once per session with the real default settings into a
-    fresh cache (so CI checks first-use training too); subprocess jobs see it via MDDS_CACHE_DIR."""
+    fresh cache (so CI checks first-use training too); subprocess jobs see it via MDDS_CACHE_DIR.
+    MDDS_TEST_CACHE_DIR names a cache to reuse instead, for quick local reruns."""
     from pipeline.models.digits import digits_classifier_dir, digits_denoiser_dir
 
-    cache = tmp_path_factory.mktemp("mdds-cache")
+    reuse = os.environ.get("MDDS_TEST_CACHE_DIR")
+    cache = Path(reuse) if reuse else tmp_path_factory.mktemp("mdds-cache")
     os.environ["MDDS_CACHE_DIR"] = str(cache)
     digits_denoiser_dir(progress=False)
     digits_classifier_dir(progress=False)
