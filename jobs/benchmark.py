@@ -54,16 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny sizes and random models: checks that every section runs, not speed")
     parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Data sections")
     parser.add_argument("--skip-adaptive", action="store_true", help="skip adaptive vs fixed n")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")
     parser.add_argument("--adaptive-images", type=int, default=30, help="images for adaptive vs fixed n")
     parser.add_argument("--n-max", type=int, default=10_000, help="n of the fixed run = n_max of the adaptive run")
     parser.add_argument("--radius-tolerance", type=float, default=0.05,
                         help="adaptive: stop once the radius is within this of what n_max would give")
+    parser.add_argument("--tolerance-sweep", default="0,0.01,0.02,0.1",
+                        help="comma-separated further radius tolerances to evaluate on the same votes ('' for none)")
     gpu = parser.add_argument_group("GPU")
     gpu.add_argument("--gpu-check", action="store_true",
                      help="only time an ImageNet-size guided-diffusion UNet + timm classifier (random weights)")
     gpu.add_argument("--tiny", action="store_true", help="--gpu-check with a 32x32 UNet (runs on CPU)")
     gpu.add_argument("--gpu-classifier", default="resnet50", help="timm classifier for --gpu-check")
-    gpu.add_argument("--compile", action="store_true", help="torch.compile the fused predict step")
+    gpu.add_argument("--compile", action="store_true",
+                     help="also time a torch.compile'd fused step (compilation excluded; minutes on a CPU)")
     gpu.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU (default: known GPUs)")
     return parser
 
@@ -126,23 +131,10 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
     everything = benchmark.Workload(split.test_images[:count], np.arange(count), split.test_labels[:count],
                                     preset.sigmas, args.n_select or preset.n_select, args.n, preset.alpha,
                                     args.seed)
-    work = everything.subset(args.num_images)
-    report: dict = {"machine": benchmark.machine_info(device),
-                    "settings": {k: v for k, v in vars(args).items()}, "preset": preset.name}
-    print(f"[benchmark] fused step vs reference loop: {work.all_scales_samples} samples each", flush=True)
-    versus = benchmark.fused_vs_reference(fused, work, args.reference_batch or batch_size, args.repeats)
-    all_scales_counts = versus.pop("_fused_counts")
-    report["fused_vs_reference"] = versus
-    print("[benchmark] early exit vs all scales", flush=True)
-    report["early_exit"] = benchmark.early_exit(fused, work, all_scales_counts, versus["fused_s"])
-    report["flops"] = benchmark.flops_section(fused, tuple(work.images.shape[1:]), work.sigmas[0],
-                                              versus["fused_samples_per_s"], args.peak_tflops)
-    if args.skip_ray:
-        report["ray"] = {"skipped": True}
-    else:
-        print("[benchmark] Ray Data pipeline, 1 and 2 actors", flush=True)
-        report["ray"] = benchmark.ray_pipeline(spec, work, batch_size, device.type == "cuda", all_scales_counts,
-                                               versus["fused_s"], workdir)
+    report: dict = {"machine": benchmark.machine_info(device), "settings": vars(args), "preset": preset.name,
+                    "denoiser": spec.denoiser}
+    if not args.skip_throughput:
+        report.update(throughput_sections(args, fused, spec, everything.subset(args.num_images), workdir))
     if args.skip_adaptive:
         report["adaptive"] = {"skipped": True}
     else:
@@ -150,81 +142,128 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
         adaptive_work = benchmark.Workload(chosen.images, chosen.image_ids, chosen.labels, chosen.sigmas,
                                            chosen.n_select, args.n_max, chosen.alpha, chosen.seed)
         print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images", flush=True)
-        report["adaptive"] = benchmark.adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance)
+        try:
+            sweep = [float(t) for t in args.tolerance_sweep.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--tolerance-sweep must be comma-separated numbers, got {args.tolerance_sweep!r}") from None
+        report["adaptive"] = benchmark.adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance, sweep)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     return report
+
+
+def throughput_sections(args: argparse.Namespace, fused, spec, work, workdir: Path) -> dict:
+    from pipeline import benchmark
+
+    print(f"[benchmark] fused step vs reference loop: {work.all_scales_samples} samples each", flush=True)
+    versus = benchmark.fused_vs_reference(fused, work, args.reference_batch or fused.batch_size, args.repeats,
+                                          compile_mode=None, compile_fused=args.compile)
+    all_scales_counts = versus.pop("_fused_counts")
+    print("[benchmark] early exit vs all scales", flush=True)
+    sections = {
+        "fused_vs_reference": versus,
+        "early_exit": benchmark.early_exit(fused, work, all_scales_counts, versus["fused_s"]),
+        "flops": benchmark.flops_section(fused, tuple(work.images.shape[1:]), work.sigmas[0],
+                                         versus["fused_samples_per_s"], args.peak_tflops),
+        "ray": {"skipped": True},
+    }
+    if not args.skip_ray:
+        print("[benchmark] Ray Data pipeline, 1 and 2 actors", flush=True)
+        sections["ray"] = benchmark.ray_pipeline(spec, work, fused.batch_size, fused.device.type == "cuda",
+                                                 all_scales_counts, versus["fused_s"], workdir)
+    return sections
 
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def markdown(report: dict) -> str:
-    """The headline table: measured value next to its target."""
-    machine = report["machine"]
-    lines = [
-        "| measurement | measured | target |",
-        "|---|---|---|",
+def _gpu_rows(check: dict) -> list[str]:
+    return [
+        f"| {check['denoiser']} + {check['classifier']}, {check['dtype']}, batch {check['batch_size']}"
+        f"{', compiled' if check['compiled'] else ''}: samples/s | {check['samples_per_s']:.1f} | |",
+        f"| FLOPs per sample | {check['flops_per_sample'] / 1e9:.2f} GFLOP | |",
+        f"| achieved | {check['achieved_flops_per_s'] / 1e12:.2f} TFLOP/s | |",
+        f"| MFU (dense bf16 peak {(check['peak_bf16_flops_per_s'] or 0) / 1e12:.0f} TFLOP/s) | "
+        f"{_pct(check['mfu'])} | ≥ {_pct(TARGETS['gpu_mfu'])} |",
     ]
+
+
+def _throughput_rows(versus: dict, early: dict, flops: dict) -> list[str]:
+    shape = f"n={versus['n']}, {versus['images']} images × {len(versus['sigmas'])} scales"
+    return [
+        f"| fused step vs reference loop, samples/s ({versus['fused_samples_per_s']:.0f} vs "
+        f"{versus['reference_samples_per_s']:.0f}; {shape}) | {versus['speedup']:.2f}× | "
+        f"≥ {TARGETS['fused_speedup']}× |",
+        f"| fused step vs reference loop, wall time ({versus['fused_s']:.1f} s vs {versus['reference_s']:.1f} s) | "
+        f"{versus['speedup']:.2f}× shorter | |",
+        f"| reference and fused agree on the top class of (image, scale) | {_pct(versus['argmax_agreement'])} | |",
+        *([f"| torch.compile'd fused step vs reference loop, samples/s ({versus['compiled']['samples_per_s']:.0f} vs "
+           f"{versus['reference_samples_per_s']:.0f}; compilation {versus['compiled']['compile_s_excluded']:.0f} s "
+           f"excluded; {versus['compiled']['votes_differing_from_eager']} vote(s) differ from eager) | "
+           f"{versus['compiled']['speedup']:.2f}× | ≥ {TARGETS['fused_speedup']}× |"] if versus["compiled"] else []),
+        f"| early exit vs --all-scales: forward passes saved | {_pct(early['forward_passes_saved'])} | |",
+        f"| early exit vs --all-scales: wall time saved ({early['early_exit_s']:.1f} s vs {early['all_scales_s']:.1f} s;"
+        f" same certificates: {early['same_certificates']}) | {_pct(early['wall_time_saved'])} | |",
+        f"| FLOPs per sample (denoiser + classifier) | {flops['flops_per_sample'] / 1e6:.1f} MFLOP | |",
+        f"| achieved FLOP/s of the fused step | {flops['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s | |",
+        f"| MFU | {_pct(flops['mfu']) if flops['mfu'] is not None else 'n/a (CPU)'} | |",
+    ]
+
+
+def _ray_rows(ray: dict) -> list[str]:
+    """Efficiency is like for like where the actors use as many cores as the raw step's threads."""
+    rows = []
+    for actors, run in ray["by_actors"].items():
+        matched = int(actors) == ray["matched_actors"]
+        rows += [
+            f"| Ray Data pipeline vs raw fused step ({ray['raw_fused_torch_threads']} thread), {actors} actor(s) "
+            f"({run['seconds']:.1f} s vs {ray['raw_fused_s']:.1f} s; counts identical: {run['counts_equal_raw']}) | "
+            f"{_pct(run['efficiency'])} | {'≥ ' + _pct(TARGETS['ray_efficiency']) if matched else ''} |",
+            f"| same, {actors} actor(s), without the per-execution overhead ({ray['per_execution_overhead_s']:.1f} s) | "
+            f"{_pct(run['efficiency_without_execution_overhead'])} | |",
+        ]
+    rows.append(f"| Ray start-up (ray.init, excluded from the above) | {ray['ray_startup_s_excluded']:.1f} s | |")
+    if ray["scaling_1_to_2_actors"] is not None:
+        rows.append(f"| scaling from 1 to 2 actors | {ray['scaling_1_to_2_actors']:.2f}× | |")
+    return rows
+
+
+def _adaptive_rows(adaptive: dict) -> list[str]:
+    fixed, adapt = adaptive["fixed"], adaptive["adaptive"]
+    rows = [f"| adaptive vs fixed n={adaptive['n_max']} ({adaptive['images']} images): forward passes saved "
+            f"({adapt['forward_passes']} vs {fixed['forward_passes']}) | {_pct(adaptive['forward_passes_saved'])} | "
+            f"≥ {_pct(TARGETS['adaptive_passes_saved'])} |"]
+    for radius, fixed_accuracy in fixed["certified_accuracy"].items():
+        delta = 100 * (adapt["certified_accuracy"][radius] - fixed_accuracy)
+        target = f"within ±{TARGETS['adaptive_accuracy_points']:g} pt" if radius in ("0", "0.5") else ""
+        rows.append(f"| certified accuracy at r={radius}: fixed → adaptive | {_pct(fixed_accuracy)} → "
+                    f"{_pct(adapt['certified_accuracy'][radius])} ({delta:+.1f} pt) | {target} |")
+    rows.append(f"| ACR: fixed → adaptive | {fixed['acr']:.3f} → {adapt['acr']:.3f} | |")
+    for tolerance, other in adaptive["tolerance_sweep"].items():
+        accuracy = other["certified_accuracy"]
+        rows.append(f"| radius tolerance {tolerance}: forward passes saved; certified accuracy at r=0 / 0.5 / 1; ACR "
+                    f"| {_pct(other['forward_passes_saved'])}; {_pct(accuracy['0'])} / {_pct(accuracy['0.5'])} / "
+                    f"{_pct(accuracy['1'])}; {other['acr']:.3f} | |")
+    return rows
+
+
+def markdown(report: dict) -> str:
+    """The headline table: each measured value next to its target, then the machine and its load."""
+    lines = ["| measurement | measured | target |", "|---|---|---|"]
     if "gpu_check" in report:
-        check = report["gpu_check"]
-        lines += [
-            f"| {check['denoiser']} + {check['classifier']}, {check['dtype']}, batch {check['batch_size']}"
-            f"{', compiled' if check['compiled'] else ''}: samples/s | {check['samples_per_s']:.1f} | |",
-            f"| FLOPs per sample | {check['flops_per_sample'] / 1e9:.2f} GFLOP | |",
-            f"| achieved | {check['achieved_flops_per_s'] / 1e12:.2f} TFLOP/s | |",
-            f"| MFU (dense bf16 peak {(check['peak_bf16_flops_per_s'] or 0) / 1e12:.0f} TFLOP/s) | "
-            f"{_pct(check['mfu'])} | ≥ {_pct(TARGETS['gpu_mfu'])} |",
-        ]
-    else:
-        versus, early, flops = report["fused_vs_reference"], report["early_exit"], report["flops"]
-        lines += [
-            f"| fused step vs reference loop, samples/s ({versus['fused_samples_per_s']:.0f} vs "
-            f"{versus['reference_samples_per_s']:.0f}; n={versus['n']}, {versus['images']} images × "
-            f"{len(versus['sigmas'])} scales) | {versus['speedup']:.2f}× | ≥ {TARGETS['fused_speedup']}× |",
-            f"| fused step vs reference loop, wall time ({versus['fused_s']:.1f} s vs {versus['reference_s']:.1f} s)"
-            f" | {versus['speedup']:.2f}× shorter | |",
-            f"| reference and fused agree on the top class of (image, scale) | "
-            f"{_pct(versus['argmax_agreement'])} | |",
-            f"| early exit vs --all-scales: forward passes saved | {_pct(early['forward_passes_saved'])} | |",
-            f"| early exit vs --all-scales: wall time saved ({early['early_exit_s']:.1f} s vs "
-            f"{early['all_scales_s']:.1f} s; same certificates: {early['same_certificates']}) | "
-            f"{_pct(early['wall_time_saved'])} | |",
-            f"| FLOPs per sample (denoiser + classifier) | {flops['flops_per_sample'] / 1e6:.1f} MFLOP | |",
-            f"| achieved FLOP/s of the fused step | {flops['achieved_flops_per_s'] / 1e9:.2f} GFLOP/s | |",
-            f"| MFU | {_pct(flops['mfu']) if flops['mfu'] is not None else 'n/a (CPU)'} | |",
-        ]
-        ray = report["ray"]
-        if not ray.get("skipped"):
-            for actors, run in ray["by_actors"].items():
-                lines.append(f"| Ray Data pipeline vs raw fused step, {actors} actor(s) ({run['seconds']:.1f} s vs "
-                             f"{ray['raw_fused_s']:.1f} s; counts identical: {run['counts_equal_raw']}) | "
-                             f"{_pct(run['efficiency'])} | ≥ {_pct(TARGETS['ray_efficiency'])} |")
-            lines += [
-                f"| same, without the per-execution overhead ({ray['per_execution_overhead_s']:.1f} s), "
-                f"{ray['best_actors']} actor(s) | "
-                f"{_pct(ray['by_actors'][str(ray['best_actors'])]['efficiency_without_execution_overhead'])} | |",
-                f"| Ray start-up (ray.init, excluded from the above) | {ray['ray_startup_s_excluded']:.1f} s | |",
-            ]
-            if ray["scaling_1_to_2_actors"] is not None:
-                lines.append(f"| scaling from 1 to 2 actors | {ray['scaling_1_to_2_actors']:.2f}× | |")
-        adaptive = report["adaptive"]
-        if not adaptive.get("skipped"):
-            fixed, adapt = adaptive["fixed"], adaptive["adaptive"]
-            lines.append(f"| adaptive vs fixed n={adaptive['n_max']} ({adaptive['images']} images): forward passes "
-                         f"saved ({adapt['forward_passes']} vs {fixed['forward_passes']}) | "
-                         f"{_pct(adaptive['forward_passes_saved'])} | ≥ {_pct(TARGETS['adaptive_passes_saved'])} |")
-            for radius, fixed_accuracy in fixed["certified_accuracy"].items():
-                delta = 100 * (adapt["certified_accuracy"][radius] - fixed_accuracy)
-                target = f"within ±{TARGETS['adaptive_accuracy_points']:g} pt" if radius in ("0", "0.5") else ""
-                lines.append(f"| certified accuracy at r={radius}: fixed → adaptive | {_pct(fixed_accuracy)} → "
-                             f"{_pct(adapt['certified_accuracy'][radius])} ({delta:+.1f} pt) | {target} |")
-            lines.append(f"| ACR: fixed → adaptive | {fixed['acr']:.3f} → {adapt['acr']:.3f} | |")
-    load = machine["load_average_1_5_15_min"]
+        lines += _gpu_rows(report["gpu_check"])
+    if "fused_vs_reference" in report:
+        lines += _throughput_rows(report["fused_vs_reference"], report["early_exit"], report["flops"])
+        if not report["ray"].get("skipped"):
+            lines += _ray_rows(report["ray"])
+    if "adaptive" in report and not report["adaptive"].get("skipped"):
+        lines += _adaptive_rows(report["adaptive"])
+    machine = report["machine"]
+    load, end = machine["load_average_1_5_15_min"], machine.get("load_average_at_end")
     lines += ["", f"Machine: {machine['device']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
-              f"{machine['torch_threads']} torch threads; load average (1/5/15 min) at start "
-              f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}"
-              + (f", at end {machine['load_average_at_end'][0]:.1f}" if "load_average_at_end" in machine else "")]
+              f"{machine['torch_threads']} torch thread(s); load average (1/5/15 min) at start "
+              f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}" + (f", at end {end[0]:.1f}/{end[1]:.1f}/{end[2]:.1f}"
+                                                             if end else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -36,7 +36,7 @@ HISTORY_FILE = "history.json"
 # Flags that shape the training; None in argparse means "not given", so --resume can tell a
 # repeated flag from a changed one. Defaults: about 5 minutes on 2 shared CPU cores (see --help).
 TRAINING_DEFAULTS: dict[str, Any] = {
-    "epochs": 6,
+    "epochs": 8,
     "batch_size": 32,
     "lr": 2e-4,
     "lambda_cls": 1.0,
@@ -50,28 +50,36 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
+EPILOG = """\
+outputs (OUT):
+  denoiser/      the fine-tuned denoiser (UNet2DModel + DDPMScheduler) for jobs/certify.py --denoiser
+  history.json   per epoch: loss terms, fraction of recoverable inputs, probe metrics
+  run.json       settings and the Ray Train run name (what --resume reads)
+  ray_results/   Ray Train checkpoints: weights.safetensors, optimizer.pt, training.json
+
+probe metrics (every epoch, held-out test images, fixed noise):
+  probe_accuracy_sigmaS         smoothed accuracy: majority of --probe-samples denoisings at scale S
+  probe_confident_wrong_sigmaS  share whose wrong winning class has more than half the votes,
+                                i.e. what a certificate could claim wrongly; fine-tuning aims to lower it
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.strip().splitlines()[0],
-        epilog=(
-            "outputs (OUT): denoiser/ (diffusers UNet2DModel + DDPMScheduler, for jobs/certify.py --denoiser), "
-            "history.json (per-epoch loss terms and probe accuracy), run.json (settings and Ray run name), "
-            "ray_results/ (Ray Train checkpoints: weights.safetensors, optimizer.pt, training.json). "
-            "Probe metrics: smoothed accuracy (majority of --probe-samples denoisings) on held-out images, and "
-            "the share whose wrong winning class has > 1/2 of the votes (what a certificate could claim wrongly)."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.strip(),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = TRAINING_DEFAULTS
-    parser.add_argument("--preset", default="digits", help="data set and base models (digits only for now)")
-    parser.add_argument("--out", default="outputs/finetune-digits", help="local output directory")
+    parser.add_argument("--preset", default="digits", help="data set and base models (default digits; the only one for now)")
+    parser.add_argument("--out", default="outputs/finetune-digits", help="local output directory (default outputs/finetune-digits)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its latest checkpoint (weights and optimizer state); "
                              "--epochs may be raised, other training flags must match the run")
     parser.add_argument("--storage-path", default=None,
                         help="Ray Train checkpoint storage (local path or s3://, gs://); default OUT/ray_results")
-    parser.add_argument("--num-workers", type=int, default=2, help="data-parallel workers (one GPU each if any)")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-parallel workers, one GPU each if the cluster has GPUs (default 2)")
     parser.add_argument("--denoiser", default=None,
                         help="base denoiser: diffusers UNet2DModel + DDPMScheduler directory "
                              "(default: the preset's cached model)")
@@ -124,12 +132,14 @@ def _flags_from_settings(record: dict[str, Any], probe_images: int) -> dict[str,
     }
 
 
-def _check_positive(flags: dict[str, Any]) -> None:
+def _check_ranges(flags: dict[str, Any]) -> None:
     for name in ("epochs", "batch_size", "probe_images", "probe_samples"):
         if flags[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {flags[name]}")
     if not flags["lr"] > 0:
         raise UserError(f"--lr must be positive, got {flags['lr']}")
+    if flags["lora_rank"] < 0:
+        raise UserError(f"--lora-rank must be >= 0 (0 = full fine-tuning), got {flags['lora_rank']}")
 
 
 def _loss_settings(flags: dict[str, Any]) -> LossSettings:
@@ -268,7 +278,7 @@ def finetune(args: argparse.Namespace) -> Path:
         raise UserError(f"--out must be a local directory (the exported denoiser is written there), got {args.out}")
     out = Path(args.out).resolve()
     flags, record = _resolve_flags(args, out)
-    _check_positive(flags)
+    _check_ranges(flags)
     loss = _loss_settings(flags)
     storage_path = _storage_path(args, out, record)
     models = _run_models(args, record)

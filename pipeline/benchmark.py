@@ -25,6 +25,7 @@ from pipeline.adaptive import AdaptiveSettings, SamplingOutcome, run_adaptive, r
 from pipeline.cascade import certify_cascade, undecided_mask
 from pipeline.flops import flops_per_sample, peak_bf16_flops, utilization
 from pipeline.fused import FusedDenoiseClassify
+from pipeline.gpu import compile_predict
 from pipeline.models.spec import ModelSpec
 from pipeline.noise import Phase
 from pipeline.reduce import results_table
@@ -82,8 +83,10 @@ class Workload:
         return len(self.images) * len(self.sigmas) * (self.n_select + self.n)
 
 
-def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_batch: int, repeats: int) -> dict:
-    """All scales of every image, both ways; alternating runs, median times."""
+def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_batch: int, repeats: int,
+                       compile_mode: str | None = None, compile_fused: bool = False) -> dict:
+    """All scales of every image, both ways; alternating runs, median times. With `compile_fused`, a
+    torch.compile'd copy of the fused step is timed too (compilation timed separately, excluded)."""
     # Own fp32, contiguous-layout copies: the fused step switched its models to channels_last on GPU.
     denoiser = copy.deepcopy(fused.denoiser).to(memory_format=torch.contiguous_format)
     classifier = copy.deepcopy(fused.classifier).to(memory_format=torch.contiguous_format)
@@ -108,6 +111,7 @@ def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_ba
     samples = work.all_scales_samples
     reference_s, fused_s = float(np.median(reference_times)), float(np.median(fused_times))
     agree = (reference_result[Phase.ESTIMATE].argmax(-1) == fused_result[Phase.ESTIMATE].argmax(-1))
+    compiled = compiled_fused_step(fused, work, repeats, compile_mode, fused_result) if compile_fused else None
     return {
         "images": len(work.images),
         "sigmas": list(work.sigmas),
@@ -124,8 +128,29 @@ def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_ba
         "fused_samples_per_s": samples / fused_s,
         "speedup": reference_s / fused_s,
         "argmax_agreement": float(agree.mean()),
+        "compiled": None if compiled is None else {**compiled, "speedup": reference_s / compiled["fused_s"],
+                                                   "samples_per_s": samples / compiled["fused_s"]},
         "_fused_counts": fused_result,
     }
+
+
+def compiled_fused_step(fused: FusedDenoiseClassify, work: Workload, repeats: int, mode: str | None,
+                        eager_counts: dict[Phase, np.ndarray]) -> dict:
+    """A second fused step on the same models with `compile_predict`; its counts are compared with
+    the eager ones (compiled kernels may round differently, so a rare borderline vote can flip)."""
+    compiled = FusedDenoiseClassify(fused.denoiser, fused.classifier, fused.num_classes, fused.device,
+                                    fused.batch_size)
+    compile_predict(compiled, mode=mode)
+    _, compile_s = timed(lambda: compiled.count(work.images[:1], work.image_ids[:1], work.sigmas[:1],
+                                                {Phase.ESTIMATE: 64}, work.seed), fused.device)
+    times = []
+    for _ in range(repeats):
+        counts, seconds = timed(lambda: compiled.count(work.images, work.image_ids, work.sigmas, work.samples,
+                                                       work.seed), fused.device)
+        times.append(seconds)
+    flipped = sum(int(np.abs(counts[p] - eager_counts[p]).sum()) for p in counts) // 2
+    return {"compile_s_excluded": compile_s, "fused_s": float(np.median(times)), "times_s": times,
+            "votes_differing_from_eager": flipped}
 
 
 def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: dict[Phase, np.ndarray],
@@ -204,7 +229,8 @@ def ray_pipeline(spec: ModelSpec, work: Workload, batch_size: int, use_gpu: bool
             "counts_equal_raw": bool(np.array_equal(arrays.select_counts, raw_counts[Phase.SELECT])
                                      and np.array_equal(arrays.estimate_counts, raw_counts[Phase.ESTIMATE])),
         }
-    best = max(runs, key=lambda a: runs[a]["samples_per_s"])
+    # Like for like: as many single-threaded actors as the raw step had torch threads (same cores).
+    matched = torch.get_num_threads() if torch.get_num_threads() in runs else None
     return {
         "ray_startup_s_excluded": startup_s,
         "per_execution_overhead_s": overhead_s,
@@ -213,8 +239,8 @@ def ray_pipeline(spec: ModelSpec, work: Workload, batch_size: int, use_gpu: bool
         "actor_torch_threads": "1 per actor on CPU (Ray sets OMP_NUM_THREADS to the actor's num_cpus=1)",
         "samples": work.all_scales_samples,
         "by_actors": {str(a): r for a, r in runs.items()},
-        "best_actors": best,
-        "efficiency": runs[best]["efficiency"],
+        "matched_actors": matched,
+        "efficiency": runs[matched]["efficiency"] if matched else None,
         "scaling_1_to_2_actors": (runs[1]["seconds"] / runs[2]["seconds"]) if {1, 2} <= set(runs) else None,
     }
 
@@ -238,12 +264,15 @@ def _accuracy(outcome: SamplingOutcome, work: Workload) -> dict:
     }
 
 
-def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolerance: float) -> dict:
+def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolerance: float,
+                      tolerance_sweep: Sequence[float] = ()) -> dict:
     """Fixed n (= work.n, early exit, Clopper-Pearson) vs adaptive sampling up to n_max = work.n.
 
     Both draw from one chunk cache over the same counter-seeded noise: the fixed run is timed live;
     the adaptive run then pays only for chunks the fixed run never drew, so its forward passes are
     exact (counted by the sampler) and its wall time is estimated from the fixed run's time per sample.
+    `tolerance_sweep` reruns the adaptive rule at other radius tolerances on the same cache (cheap)
+    to show the trade-off between forward passes and radius.
     """
     source = CachedVoteSource(FusedVoteSource(fused, work.images, work.image_ids, work.sigmas,
                                               work.samples, work.seed))
@@ -255,6 +284,12 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolera
                                 radius_tolerance=radius_tolerance)
     adaptive, adaptive_s = timed(lambda: run_adaptive(source, count, settings), fused.device)
     per_sample_s = fixed_s / fixed.forward_passes
+    sweep = {}
+    for tolerance in tolerance_sweep:
+        other = run_adaptive(source, count, AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
+                                                             radius_tolerance=tolerance))
+        sweep[f"{tolerance:g}"] = {**_accuracy(other, work),
+                                   "forward_passes_saved": 1.0 - other.forward_passes / fixed.forward_passes}
     return {
         "images": count,
         "n_max": work.n,
@@ -267,4 +302,11 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolera
                      "wall_s_this_run_with_cache": adaptive_s,
                      "chunks_only_adaptive_drew": len(source.cache) - cached_before},
         "forward_passes_saved": 1.0 - adaptive.forward_passes / fixed.forward_passes,
+        "tolerance_sweep": sweep,
+        "per_image": {"image_id": work.image_ids.tolist(), "label": work.labels.tolist(),
+                      "fixed_prediction": fixed.result.prediction.tolist(),
+                      "fixed_radius": fixed.result.radius.round(4).tolist(),
+                      "adaptive_prediction": adaptive.result.prediction.tolist(),
+                      "adaptive_radius": adaptive.result.radius.round(4).tolist(),
+                      "adaptive_estimation_samples": adaptive.estimate_counts.sum(axis=2).tolist()},
     }

@@ -73,7 +73,7 @@ class GpuCheckSettings:
     classifier: str = "resnet50"
     tiny: bool = False
     compile: bool = False
-    compile_mode: str | None = "max-autotune-no-cudagraphs"
+    compile_mode: str | None = None  # torch.compile default: compiles in ~1-2 min; max-autotune takes far longer
     batch_size: int | None = None  # None: sized to memory on CUDA, 64 on CPU
     timed_batches: int = 4
     sigma: float = 0.5

@@ -260,7 +260,7 @@ def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray
     job.finetune(parser.parse_args(common + ["--resume", "--epochs", "2"]))
 
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 2 and history[0] == first_history[0]  # continued, not restarted
+    assert [h["epoch"] for h in history] == [0, 1, 2] and history[:2] == first_history  # continued
     last = latest_checkpoint(storage)
     state = torch.load(last / OPTIMIZER_FILE, weights_only=True)["state"]
     # AdamW's per-parameter step counts continue from the first run's: the state was restored

@@ -241,3 +241,33 @@ def test_adaptive_votes_are_a_prefix_of_the_fixed_run(tiny_fused) -> None:
     prefix = source.votes(VoteRequests(rows, stages, np.full(len(rows), int(Phase.ESTIMATE)),
                                        np.zeros(len(rows)), used[rows, stages]))
     np.testing.assert_array_equal(prefix, outcome.estimate_counts[rows, stages])
+
+
+def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_path) -> None:
+    """Actor → counts shard → reduce (no Ray needed): the stored rows alone give back the run's
+    certificates, including the routing (which stages have rows)."""
+    from safetensors.torch import save_file
+
+    from pipeline.adaptive_actor import AdaptiveCountActor, reduce_adaptive
+    from pipeline.counts import counts_to_arrays
+    from pipeline.models.digits import new_digits_scheduler
+    from pipeline.models.spec import ModelSpec
+    from pipeline.shards import read_shards
+
+    tiny_fused.denoiser.unet.save_pretrained(tmp_path / "denoiser", safe_serialization=True)
+    new_digits_scheduler().save_pretrained(tmp_path / "denoiser")
+    (tmp_path / "classifier").mkdir()
+    save_file({k: v.contiguous() for k, v in tiny_fused.classifier.network.state_dict().items()},
+              str(tmp_path / "classifier" / "classifier.safetensors"))
+    spec = ModelSpec(str(tmp_path / "denoiser"), "digits", str(tmp_path / "classifier"), 10, in_chans=1)
+    settings = AdaptiveSettings((0.5, 0.25, 0.125), 16, 256, alpha=0.3, first_round=64)
+    images = np.random.default_rng(2).random((3, 1, 16, 16), dtype=np.float32)
+    ids, labels = np.array([3, 8, 9]), np.array([1, 2, 3])
+    actor = AdaptiveCountActor(spec, settings, seed=0, batch_size=200, counts_dir=str(tmp_path / "counts"))
+    assert actor({"image": images, "image_id": ids, "label": labels})["rows"][0] >= 3
+    results = reduce_adaptive(counts_to_arrays(read_shards(str(tmp_path / "counts")), settings.sigmas), 0.3, 0.5)
+    source = FusedVoteSource(tiny_fused, images, ids, settings.sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: 256}, 0)
+    direct = run_adaptive(source, 3, settings)
+    assert results["image_id"].to_pylist() == ids.tolist()
+    np.testing.assert_array_equal(results["prediction"].to_numpy(), direct.result.prediction)
+    np.testing.assert_allclose(results["radius"].to_numpy(), direct.result.radius)

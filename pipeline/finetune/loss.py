@@ -34,7 +34,10 @@ class LossSettings:
         if not self.sigmas or any(s <= 0 for s in self.sigmas):
             raise UserError(f"sigmas must be positive, got {self.sigmas}")
         if self.num_denoisings < 2:
-            raise UserError(f"the number of denoisings M must be at least 2 (anti-consistency compares pairs), got {self.num_denoisings}")
+            raise UserError(
+                f"the number of denoisings M must be at least 2 (anti-consistency compares pairs), "
+                f"got {self.num_denoisings}"
+            )
         if self.lambda_cls < 0 or self.eta_anti < 0:
             raise UserError(f"lambda and eta must be >= 0, got {self.lambda_cls} and {self.eta_anti}")
         if self.recoverable_loss not in ("ce", "brier"):

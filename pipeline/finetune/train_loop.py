@@ -153,96 +153,126 @@ def _progress_bar(settings: FinetuneSettings, start_epoch: int, rank: int, world
     return tqdm(total=steps_per_epoch * (settings.epochs - start_epoch), desc="fine-tuning denoiser")
 
 
+@dataclass
+class _Worker:
+    """One worker's training state. `denoiser` calls the UNet through DDP (training); `bare` calls the
+    same module directly (the probe, which must not enter DDP's gradient bookkeeping)."""
+
+    settings: FinetuneSettings
+    device: torch.device
+    rank: int
+    world: int
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    denoiser: OneShotDenoiser
+    bare: OneShotDenoiser
+    classifier: torch.nn.Module
+    progress: dict[str, Any]
+
+    @classmethod
+    def start(cls, settings: FinetuneSettings) -> "_Worker":
+        """Load the models, restore the latest checkpoint if the run has one, then wrap in DDP
+        (DDP broadcasts rank 0's weights, so every replica starts identical either way)."""
+        context = ray.train.get_context()
+        device = ray.train.torch.get_device()
+        base = load_denoiser(settings.denoiser_dir)
+        model = trainable_unet(base.unet, settings.lora_rank).to(device).train()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+        progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                restored = load_checkpoint(Path(directory), model, optimizer)
+            progress = {key: restored[key] for key in progress}
+        bare = OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type).to(device)
+        denoiser = OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type).to(device)
+        denoiser.unet = ray.train.torch.prepare_model(model)
+        classifier = load_frozen_classifier(settings.classifier_kind, settings.classifier_dir).to(device)
+        return cls(settings, device, context.get_world_rank(), context.get_world_size(), model, optimizer,
+                   denoiser, bare, classifier, progress)
+
+    def probe(self, probe_set: ProbeSet) -> dict[str, float]:
+        self.model.eval()
+        metrics = probe_metrics(self.bare, self.classifier, probe_set, self.settings.loss.sigmas,
+                                self.settings.probe_samples, self.settings.seed, self.settings.num_classes)
+        self.model.train()
+        return metrics
+
+    def train_epoch(self, shard, epoch: int, bar) -> dict[str, float]:
+        """One pass over this worker's shard; returns the loss terms averaged over all workers' steps."""
+        settings = self.settings
+        parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        sums = torch.zeros(len(METRIC_NAMES) + 1, device=self.device)  # the last entry counts steps
+        batches = shard.iter_torch_batches(
+            batch_size=settings.batch_size, drop_last=True, device=self.device,
+            local_shuffle_buffer_size=4 * settings.batch_size,
+            local_shuffle_seed=settings.seed + 7919 * epoch + self.rank,
+        )
+        for batch in batches:
+            generator = step_generator(settings.seed, self.rank, self.progress["step"], self.device)
+            with _autocast(self.device):
+                terms = cascade_finetune_loss(self.denoiser, self.classifier, batch["image"].float(),
+                                              batch["label"].long(), settings.loss, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
+            self.optimizer.step()
+            sums += torch.cat([terms.detached(), torch.ones(1, device=self.device)])
+            self.progress["step"] += 1
+            if bar is not None:
+                bar.update(1)
+        totals = _sum_over_workers(sums)
+        steps = max(float(totals[-1]), 1.0)
+        return {name: float(value) / steps for name, value in zip(METRIC_NAMES, totals)}
+
+    def report(self, metrics: dict[str, float]) -> None:
+        """Every worker reports (it is a barrier); rank 0 alone writes the checkpoint, since DDP keeps
+        the replicas identical."""
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if self.rank == 0:
+                record = {"settings": asdict(self.settings), **self.progress}
+                save_checkpoint(Path(directory), self.model, self.optimizer, record)
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+                print(_epoch_line(metrics, self.settings.epochs), flush=True)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point; config = {"settings": FinetuneSettings, "probe": ProbeSet}."""
     settings: FinetuneSettings = config["settings"]
-    probe: ProbeSet = config["probe"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    base = load_denoiser(settings.denoiser_dir)
-    model = trainable_unet(base.unet, settings.lora_rank).to(device).train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-    progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            restored = load_checkpoint(Path(directory), model, optimizer)
-        progress = {key: restored[key] for key in progress}
-
-    # The probe calls the bare model; training calls it through DDP (a plain reference swap, same weights).
-    probe_denoiser = OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type).to(device)
-    denoiser = OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type).to(device)
-    denoiser.unet = ray.train.torch.prepare_model(model)
-    classifier = load_frozen_classifier(settings.classifier_kind, settings.classifier_dir).to(device)
+    probe_set: ProbeSet = config["probe"]
+    worker = _Worker.start(settings)
+    progress = worker.progress
+    if not progress["history"]:  # the base model's probe: the baseline every later epoch compares to
+        progress["history"].append({"epoch": 0, "step": 0, **worker.probe(probe_set)})
+        if worker.rank == 0:
+            print(f"base denoiser: {_probe_text(progress['history'][0])}", flush=True)
     shard = ray.train.get_dataset_shard("train")
-    bar = _progress_bar(settings, progress["epoch"], rank, world)
-
+    bar = _progress_bar(settings, progress["epoch"], worker.rank, worker.world)
     for epoch in range(progress["epoch"], settings.epochs):
-        sums = torch.zeros(len(METRIC_NAMES), device=device)
-        steps = torch.zeros((), device=device)
-        batches = shard.iter_torch_batches(
-            batch_size=settings.batch_size, drop_last=True, device=device,
-            local_shuffle_buffer_size=4 * settings.batch_size, local_shuffle_seed=settings.seed + 7919 * epoch + rank,
-        )
-        for batch in batches:
-            generator = step_generator(settings.seed, rank, progress["step"], device)
-            with _autocast(device):
-                terms = cascade_finetune_loss(
-                    denoiser, classifier, batch["image"].float(), batch["label"].long(), settings.loss, generator
-                )
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, settings.grad_clip)
-            optimizer.step()
-            sums += terms.detached()
-            steps += 1
-            progress["step"] += 1
-            if bar is not None:
-                bar.update(1)
-        totals = _sum_over_workers(torch.cat([sums, steps.view(1)]))
-        metrics: dict[str, float] = {"epoch": epoch + 1, "step": progress["step"]}
-        metrics.update({name: float(value) / max(float(totals[-1]), 1.0) for name, value in zip(METRIC_NAMES, totals)})
-        model.eval()
-        metrics.update(probe_metrics(probe_denoiser, classifier, probe, settings.loss.sigmas,
-                                     settings.probe_samples, settings.seed, settings.num_classes))
-        model.train()
+        metrics: dict[str, float] = {"epoch": epoch + 1, **worker.train_epoch(shard, epoch, bar)}
+        metrics.update({"step": progress["step"], **worker.probe(probe_set)})
         progress["epoch"] = epoch + 1
         progress["history"].append(metrics)
-        _report(metrics, model, optimizer, settings, progress, rank)
+        worker.report(metrics)
     if bar is not None:
         bar.close()
 
 
-def _report(
-    metrics: dict[str, float],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    settings: FinetuneSettings,
-    progress: dict[str, Any],
-    rank: int,
-) -> None:
-    """Every worker reports (it is a barrier); rank 0 alone writes the checkpoint, since DDP keeps
-    the replicas identical."""
-    with tempfile.TemporaryDirectory() as directory:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(Path(directory), model, optimizer, {"settings": asdict(settings), **progress})
-            checkpoint = ray.train.Checkpoint.from_directory(directory)
-            print(_epoch_line(metrics, settings.epochs), flush=True)
-        ray.train.report(metrics, checkpoint=checkpoint)
+def _probe_text(metrics: dict[str, float]) -> str:
+    sigmas = [key.removeprefix("probe_accuracy_sigma") for key in metrics if key.startswith("probe_accuracy_sigma")]
+    return "probe smoothed accuracy / confidently wrong " + ", ".join(
+        f"σ={s}: {metrics['probe_accuracy_sigma' + s]:.0%} / {metrics['probe_confident_wrong_sigma' + s]:.0%}"
+        for s in sigmas
+    )
 
 
 def _epoch_line(metrics: dict[str, float], epochs: int) -> str:
-    probes = " ".join(
-        f"σ={key.removeprefix('probe_accuracy_sigma')}: {value:.0%}"
-        for key, value in metrics.items() if key.startswith("probe_accuracy_sigma")
-    )
     return (
         f"epoch {int(metrics['epoch'])}/{epochs}: loss {metrics['loss']:.4f} "
         f"(diff {metrics['loss_diffusion']:.4f}, rec {metrics['loss_recoverable']:.3f}, "
         f"anti {metrics['loss_anti']:.3f}, recoverable {metrics['fraction_recoverable']:.0%}); "
-        f"probe smoothed accuracy {probes}"
+        f"{_probe_text(metrics)}"
     )
