@@ -38,6 +38,7 @@ from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "finetune_diffusion.py"
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")
 
 
 def tiny_unet() -> UNet2DModel:
@@ -235,6 +236,7 @@ def latest_checkpoint(storage: Path) -> Path:
     return max(checkpoints, key=lambda path: json.loads((path / "training.json").read_text())["step"])
 
 
+@pytest.mark.slow  # two Ray Train runs: ~45 s each on 2 idle cores, mostly worker start-up
 def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray_session, tiny_models, tmp_path):
     job = load_job()
     denoiser_dir, classifier_path = tiny_models

@@ -119,8 +119,8 @@ def probe_metrics(
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = next(denoiser.parameters()).device
-    images = torch.as_tensor(probe.images[rank::world], device=device)
-    labels = torch.as_tensor(probe.labels[rank::world], device=device)
+    images = torch.tensor(probe.images[rank::world], device=device)  # a copy: Ray hands out read-only arrays
+    labels = torch.tensor(probe.labels[rank::world], device=device)
     totals = torch.zeros(len(sigmas), 3, device=device)
     for index, sigma in enumerate(sigmas):
         generator = step_generator(seed, rank, -1 - index, device)
