@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from pipeline.certify_cli import build_parser, request_from_args
 from pipeline.cli import run_main
+from pipeline.errors import UserError
 from pipeline.predict import predict
 
 
@@ -14,6 +15,8 @@ def main() -> None:
     parser = build_parser("digits", __doc__.strip().splitlines()[0])
     parser.set_defaults(n=100)
     args = parser.parse_args()
+    if args.adaptive:
+        raise UserError("--adaptive is for certification; predict uses the fixed-n test of method.md §5")
     if args.out is None:
         args.out = f"outputs/{args.preset}-predict"
     request = request_from_args(args)

@@ -3,9 +3,9 @@
 A fixed-n run spends n samples on every (image, scale) it consults, although most decisions are
 clear long before: an image whose selected class gets 20 % of the votes will fall through, one with
 every vote already has nearly the radius n would give. Here each (image, scale) is sampled in rounds
-(cumulative estimation sizes `round_ends`: 128, 256, 512, … up to n_max, whole noise chunks, so the
-votes are a prefix of the fixed-n run's votes) and stops at the first round where, with the
-time-uniform bounds [p̲_t, p̄_t] of pipeline/sequential.py on the selected class ĉ:
+(cumulative estimation sizes `round_ends`: 128, 192, 320, 512, … growing ×1.5 up to n_max, in whole
+noise chunks, so the votes are a prefix of the fixed-n run's votes) and stops at the first round
+where, with the time-uniform bounds [p̲_t, p̄_t] of pipeline/sequential.py on the selected class ĉ:
 
 - fall through  — p̄_t < p0: go to the next (lower) scale, as the fixed-n cascade would;
 - certify        — p̲_t ≥ p0 and the radius now, r_t, is within `radius_tolerance` of r̂, the radius
@@ -63,7 +63,7 @@ class AdaptiveSettings:
     p0: float = 0.5
     radius_tolerance: float = 0.05
     first_round: int = 128
-    growth: float = 2.0
+    growth: float = 1.5
 
     def __post_init__(self) -> None:
         if self.n_select < 1 or self.n_max < 1:
@@ -96,7 +96,7 @@ class SamplingOutcome:
         return int(self.select_counts.sum() + self.estimate_counts.sum())
 
 
-def round_ends(n_max: int, first_round: int = 128, growth: float = 2.0) -> np.ndarray:
+def round_ends(n_max: int, first_round: int = 128, growth: float = 1.5) -> np.ndarray:
     """Cumulative estimation sample sizes after each round: whole noise chunks, growing by `growth`,
     ending exactly at n_max."""
     ends = []
@@ -117,7 +117,7 @@ def _radius(sigma: float, lower: np.ndarray, p0: float) -> np.ndarray:
 
 
 def _cap_terms(estimate: np.ndarray, selected: np.ndarray, sigmas: np.ndarray, level: float, p0: float,
-               trials: np.ndarray | None = None) -> np.ndarray:
+               trials: int | None = None) -> np.ndarray:
     """(M, j) caps sigma_j (Φ⁻¹(p0) − Φ⁻¹(q̄_j)) of the earlier stages (estimate is (M, j, C)).
 
     With `trials`, the votes are first rescaled to that many samples at the same rates: the cap

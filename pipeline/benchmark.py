@@ -25,7 +25,6 @@ from pipeline.adaptive import AdaptiveSettings, SamplingOutcome, run_adaptive, r
 from pipeline.cascade import certify_cascade, undecided_mask
 from pipeline.flops import flops_per_sample, peak_bf16_flops, utilization
 from pipeline.fused import FusedDenoiseClassify
-from pipeline.gpu import compile_predict
 from pipeline.models.spec import ModelSpec
 from pipeline.noise import Phase
 from pipeline.reduce import results_table
@@ -84,73 +83,52 @@ class Workload:
 
 
 def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_batch: int, repeats: int,
-                       compile_mode: str | None = None, compile_fused: bool = False) -> dict:
-    """All scales of every image, both ways; alternating runs, median times. With `compile_fused`, a
-    torch.compile'd copy of the fused step is timed too (compilation timed separately, excluded)."""
+                       tuned: FusedDenoiseClassify | None = None) -> dict:
+    """All scales of every image by the reference loop, the fused step and (optionally) a tuned copy
+    of it (pipeline/tuning.py: channels_last + torch.compile). Each repeat times every variant back
+    to back, and the speed-up is the median of the per-repeat time ratios, so that a change of
+    background load between repeats cancels."""
     # Own fp32, contiguous-layout copies: the fused step switched its models to channels_last on GPU.
     denoiser = copy.deepcopy(fused.denoiser).to(memory_format=torch.contiguous_format)
     classifier = copy.deepcopy(fused.classifier).to(memory_format=torch.contiguous_format)
 
-    def reference() -> dict[Phase, np.ndarray]:
-        return reference_counts(denoiser, classifier, work.images, work.sigmas, work.n_select, work.n,
-                                reference_batch, fused.num_classes, fused.device, work.seed)
+    def reference(images: np.ndarray, sigmas, samples: dict[Phase, int]) -> dict[Phase, np.ndarray]:
+        return reference_counts(denoiser, classifier, images, sigmas, samples.get(Phase.SELECT, 1),
+                                samples[Phase.ESTIMATE], reference_batch, fused.num_classes, fused.device, work.seed)
 
-    def fused_step() -> dict[Phase, np.ndarray]:
-        return fused.count(work.images, work.image_ids, work.sigmas, work.samples, work.seed)
-
-    # Warm-up: first calls pay for allocator growth and kernel selection, in both paths.
-    fused.count(work.images[:1], work.image_ids[:1], work.sigmas[:1], {Phase.ESTIMATE: 64}, work.seed)
-    reference_counts(denoiser, classifier, work.images[:1], work.sigmas[:1], 1, 64, reference_batch,
-                     fused.num_classes, fused.device)
-    reference_times, fused_times = [], []
+    variants = {"reference": reference}
+    for name, step in (("fused", fused), ("tuned", tuned)):
+        if step is not None:
+            variants[name] = lambda images, sigmas, samples, step=step: step.count(
+                images, work.image_ids[: len(images)], sigmas, samples, work.seed)
+    # Warm-up on one image: allocator growth, kernel selection and (tuned) compilation.
+    warm_up_s = {name: timed(lambda run=run: run(work.images[:1], work.sigmas[:1], {Phase.ESTIMATE: 64}),
+                             fused.device)[1] for name, run in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    counts = {}
     for _ in range(repeats):
-        reference_result, seconds = timed(reference, fused.device)
-        reference_times.append(seconds)
-        fused_result, seconds = timed(fused_step, fused.device)
-        fused_times.append(seconds)
+        for name, run in variants.items():
+            counts[name], seconds = timed(lambda run=run: run(work.images, work.sigmas, work.samples), fused.device)
+            times[name].append(seconds)
     samples = work.all_scales_samples
-    reference_s, fused_s = float(np.median(reference_times)), float(np.median(fused_times))
-    agree = (reference_result[Phase.ESTIMATE].argmax(-1) == fused_result[Phase.ESTIMATE].argmax(-1))
-    compiled = compiled_fused_step(fused, work, repeats, compile_mode, fused_result) if compile_fused else None
-    return {
-        "images": len(work.images),
-        "sigmas": list(work.sigmas),
-        "n_select": work.n_select,
-        "n": work.n,
-        "samples": samples,
-        "fused_batch_size": fused.batch_size,
-        "reference_batch_size": reference_batch,
-        "reference_s": reference_s,
-        "fused_s": fused_s,
-        "reference_times_s": reference_times,
-        "fused_times_s": fused_times,
-        "reference_samples_per_s": samples / reference_s,
-        "fused_samples_per_s": samples / fused_s,
-        "speedup": reference_s / fused_s,
-        "argmax_agreement": float(agree.mean()),
-        "compiled": None if compiled is None else {**compiled, "speedup": reference_s / compiled["fused_s"],
-                                                   "samples_per_s": samples / compiled["fused_s"]},
-        "_fused_counts": fused_result,
+    result = {
+        "images": len(work.images), "sigmas": list(work.sigmas), "n_select": work.n_select, "n": work.n,
+        "samples": samples, "fused_batch_size": fused.batch_size, "reference_batch_size": reference_batch,
+        "times_s": times, "warm_up_s": warm_up_s,
+        "_fused_counts": counts["fused"],
     }
-
-
-def compiled_fused_step(fused: FusedDenoiseClassify, work: Workload, repeats: int, mode: str | None,
-                        eager_counts: dict[Phase, np.ndarray]) -> dict:
-    """A second fused step on the same models with `compile_predict`; its counts are compared with
-    the eager ones (compiled kernels may round differently, so a rare borderline vote can flip)."""
-    compiled = FusedDenoiseClassify(fused.denoiser, fused.classifier, fused.num_classes, fused.device,
-                                    fused.batch_size)
-    compile_predict(compiled, mode=mode)
-    _, compile_s = timed(lambda: compiled.count(work.images[:1], work.image_ids[:1], work.sigmas[:1],
-                                                {Phase.ESTIMATE: 64}, work.seed), fused.device)
-    times = []
-    for _ in range(repeats):
-        counts, seconds = timed(lambda: compiled.count(work.images, work.image_ids, work.sigmas, work.samples,
-                                                       work.seed), fused.device)
-        times.append(seconds)
-    flipped = sum(int(np.abs(counts[p] - eager_counts[p]).sum()) for p in counts) // 2
-    return {"compile_s_excluded": compile_s, "fused_s": float(np.median(times)), "times_s": times,
-            "votes_differing_from_eager": flipped}
+    for name in variants:
+        seconds = float(np.median(times[name]))
+        result[f"{name}_s"] = seconds
+        result[f"{name}_samples_per_s"] = samples / seconds
+        if name != "reference":
+            result[f"{name}_speedup"] = float(np.median(np.divide(times["reference"], times[name])))
+            result[f"{name}_top_class_agreement"] = float(np.mean(
+                counts["reference"][Phase.ESTIMATE].argmax(-1) == counts[name][Phase.ESTIMATE].argmax(-1)))
+    if tuned is not None:  # compiled kernels may round differently: count the votes that moved
+        result["tuned_votes_differing_from_fused"] = sum(
+            int(np.abs(counts["tuned"][p] - counts["fused"][p]).sum()) for p in counts["fused"]) // 2
+    return result
 
 
 def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: dict[Phase, np.ndarray],

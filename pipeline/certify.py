@@ -63,11 +63,18 @@ def certify(request: CertifyRequest) -> str:
     sampling = request.sampling
     started = time.perf_counter()
     workload, arrays = collect_counts(request)
-    results = reduce_cascade(arrays, sampling.alpha, sampling.alpha_mode, sampling.p0)
+    if sampling.adaptive:
+        from pipeline.adaptive_actor import reduce_adaptive
+
+        results = reduce_adaptive(arrays, sampling.alpha, sampling.p0)
+    else:
+        results = reduce_cascade(arrays, sampling.alpha, sampling.alpha_mode, sampling.p0)
     write_parquet(results, join(request.out, "results.parquet"))
 
     tables = {"cascade " + "/".join(f"{s:g}" for s in sampling.sigmas): results}
-    for sigma, table in reduce_single_scales(arrays, sampling.alpha, sampling.p0).items():
+    # Clopper-Pearson is invalid on adaptively stopped counts: no single-scale baselines then.
+    single_scales = {} if sampling.adaptive else reduce_single_scales(arrays, sampling.alpha, sampling.p0)
+    for sigma, table in single_scales.items():
         tables[f"sigma={sigma:g} alone"] = table
     skipped = []
     if workload.locations is not None:

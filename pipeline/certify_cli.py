@@ -56,6 +56,11 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     stats.add_argument("--all-scales", action="store_true",
                        help="sample every scale for every image (single-scale baselines in the report) "
                             "instead of early exit")
+    stats.add_argument("--adaptive", action="store_true",
+                       help="sample each (image, scale) in rounds up to --n and stop once its decision is "
+                            "settled; confidence sequences keep the certificate valid at --alpha")
+    stats.add_argument("--radius-tolerance", type=float, default=0.05,
+                       help="--adaptive: stop once the radius is within this of what --n samples would give")
     stats.add_argument("--seed", type=int, default=0, help="noise seed; counts depend only on it, not on batching")
     data = parser.add_argument_group("data and models")
     data.add_argument("--data", help="dataset location (cifar10: cifar-10-batches-py dir; imagenet: class-folder "
@@ -92,6 +97,8 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     num_actors = args.num_actors if args.num_actors is not None else max(1, _cluster_gpus()) if use_gpu else 1
     if num_actors < 1:
         raise UserError(f"--num-actors must be >= 1, got {num_actors}")
+    if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
+        raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
     return CertifyRequest(
         preset=preset,
         sampling=SamplingConfig(
@@ -103,6 +110,8 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             alpha_mode=args.alpha_mode,
             p0=args.p0,
             all_scales=args.all_scales,
+            adaptive=args.adaptive,
+            radius_tolerance=args.radius_tolerance,
         ),
         execution=ExecutionConfig(
             num_actors=num_actors,

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.flops import flops_per_sample, peak_bf16_flops, utilization
 from pipeline.fused import FusedDenoiseClassify
-from pipeline.gpu import batch_size_for_memory, compile_predict
+from pipeline.tuning import batch_size_for_memory, compile_predict
 from pipeline.models.classifier import NormalizedClassifier
 from pipeline.models.denoiser import OneShotDenoiser, denoiser_from_parts
 from pipeline.models.guided_diffusion import (

@@ -40,6 +40,8 @@ class SamplingConfig:
     p0: float
     all_scales: bool
     task: Literal["certify", "predict"] = "certify"
+    adaptive: bool = False  # n is then n_max (pipeline/adaptive.py)
+    radius_tolerance: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,15 @@ def sample_counts(
 ) -> pa.Table:
     """Run the Ray Data stages, writing shards to `counts_dir`; returns every counts row."""
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
+    if sampling.adaptive:
+        from pipeline.adaptive import AdaptiveSettings
+        from pipeline.adaptive_actor import run_adaptive_pass
+
+        settings = AdaptiveSettings(tuple(sampling.sigmas), sampling.n_select, sampling.n, sampling.alpha,
+                                    sampling.p0, sampling.radius_tolerance)
+        return run_adaptive_pass(dataset, image_ids, model_spec, settings, sampling.seed, execution.num_actors,
+                                 execution.images_per_batch, execution.samples_per_forward, execution.use_gpu,
+                                 counts_dir)
     passes = [sampling.sigmas] if sampling.all_scales else [(s,) for s in sampling.sigmas]
     wanted = image_ids
     for stage, sigmas in enumerate(passes):

@@ -130,3 +130,25 @@ def test_predict_job_writes_predictions(digits_cache, ray_session, tmp_path):
     for k in (1, 2):
         np.testing.assert_array_equal(arrays.present[:, k], (stage == -1) | (stage >= k))
     assert "overall accuracy" in summary
+
+
+def test_adaptive_certification_runs_end_to_end(digits_cache, ray_session, all_scales_run, tmp_path):
+    """--adaptive (confidence sequences, early stopping) writes the same outputs; its certificates are
+    no more permissive in class than fixed-n's on these easy images, and it never uses more samples."""
+    certify(request(tmp_path, "--adaptive"))
+    results = pq.read_table(tmp_path / "results.parquet")
+    assert results.schema == RESULTS_SCHEMA and results.num_rows == 12
+    counts = read_counts(tmp_path / "counts")
+    assert (np.array(counts["estimate_counts"].to_pylist()).sum(1) <= 120).all()
+    fixed = pq.read_table(all_scales_run / "results.parquet")
+    certified = results["prediction"].to_numpy() >= 0
+    np.testing.assert_array_equal(results["prediction"].to_numpy()[certified],
+                                  fixed["prediction"].to_numpy()[certified])
+
+
+def test_adaptive_is_refused_with_all_scales_and_in_predict(tmp_path):
+    done = run_job("--adaptive", "--all-scales", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "--adaptive" in done.stderr
+    done = subprocess.run([sys.executable, "jobs/predict.py", "--adaptive", "--out", str(tmp_path / "p")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--adaptive" in done.stderr
