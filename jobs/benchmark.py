@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--tiny", action="store_true", help="--gpu-check with a 32x32 UNet (runs on CPU)")
     gpu.add_argument("--gpu-classifier", default="resnet50", help="timm classifier for --gpu-check")
     gpu.add_argument("--compile", action="store_true",
-                     help="also time a tuned fused step: channels_last + torch.compile (compilation excluded; "
+                     help="also time a tuned fused step: torch.compile (compilation excluded; "
                           "up to minutes on a CPU); with --gpu-check: compile the checked step")
     gpu.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU (default: known GPUs)")
     return parser
@@ -202,7 +202,7 @@ def _throughput_rows(versus: dict, early: dict, flops: dict) -> list[str]:
     ]
     if "tuned_speedup" in versus:
         rows.append(
-            f"| tuned fused step (channels_last + torch.compile; compilation {versus['warm_up_s']['tuned']:.0f} s "
+            f"| tuned fused step (torch.compile; compilation {versus['warm_up_s']['tuned']:.0f} s "
             f"excluded; {versus['tuned_votes_differing_from_fused']} vote(s) differ from eager) vs reference loop: "
             f"samples/s {versus['tuned_samples_per_s']:.0f} vs {versus['reference_samples_per_s']:.0f} | "
             f"{versus['tuned_speedup']:.2f}× | ≥ {TARGETS['fused_speedup']}× |")

@@ -85,10 +85,11 @@ class Workload:
 def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_batch: int, repeats: int,
                        tuned: FusedDenoiseClassify | None = None) -> dict:
     """All scales of every image by the reference loop, the fused step and (optionally) a tuned copy
-    of it (pipeline/tuning.py: channels_last + torch.compile). Each repeat times every variant back
+    of it (pipeline/tuning.py: torch.compile). Each repeat times every variant back
     to back, and the speed-up is the median of the per-repeat time ratios, so that a change of
     background load between repeats cancels."""
-    # Own fp32, contiguous-layout copies: the fused step switched its models to channels_last on GPU.
+    # Own fp32, contiguous-layout (NCHW) copies, as the reference code runs: the fused step switched its
+    # models to channels_last.
     denoiser = copy.deepcopy(fused.denoiser).to(memory_format=torch.contiguous_format)
     classifier = copy.deepcopy(fused.classifier).to(memory_format=torch.contiguous_format)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import fsspec
 import pyarrow.parquet as pq
 
-from pipeline.cli import init_ray, join, prepare_out_dir
+from pipeline.cli import join, prepare_out_dir
 from pipeline.counts import CountsArrays, counts_to_arrays
 from pipeline.errors import UserError
 from pipeline.presets import Preset
@@ -43,14 +43,13 @@ def write_parquet(table, url: str) -> None:
 
 
 def collect_counts(request: CertifyRequest, min_select: int = 1) -> tuple[Workload, CountsArrays]:
-    """Validate, prepare --out, join Ray and sample (or reuse) the counts of every image."""
+    """Validate, prepare --out, load the models, join Ray and sample (or reuse) the counts of every image."""
     sampling = request.sampling
     if sampling.n < 1 or sampling.n_select < min_select:
         raise UserError(f"--n must be >= 1 and --n-select >= {min_select}")
     if not 0 < sampling.alpha < 1:
         raise UserError(f"--alpha must be in (0, 1), got {sampling.alpha}")
     prepare_out_dir(request.out, request.overwrite, request.resume)
-    init_ray()
     workload = build_workload(request.preset, request.data, request.models)
     check_resume(request.out, sampling, request.resume)  # only once the models load: a failed start leaves OUT empty
     counts = sample_counts(workload.dataset, workload.image_ids, workload.model_spec, sampling,

@@ -82,7 +82,9 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     run.add_argument("--batch-size", type=int, help="samples per fused forward pass (preset default)")
     run.add_argument("--images-per-batch", type=int, default=8, help="images per Ray Data batch (default 8)")
     run.add_argument("--num-actors", type=int, default=None,
-                     help="parallel model copies (default: number of GPUs, or 1 on CPU)")
+                     help="parallel model copies (default: one per GPU; without GPUs one per CPU core, "
+                          "each on one thread, minus one core for Ray Data's read tasks unless the data is "
+                          "the in-memory digits set)")
     run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                      help="auto: one GPU per actor if this machine or the cluster has GPUs now (default); "
                           "cuda: always ask one GPU per actor, which makes an autoscaling cluster whose GPU "
@@ -94,9 +96,17 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     preset = get_preset(args.preset)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
     use_gpu = _use_gpu(args.device)
-    num_actors = args.num_actors if args.num_actors is not None else max(1, _cluster_gpus()) if use_gpu else 1
+    if args.num_actors is not None:
+        num_actors = args.num_actors
+    else:
+        num_actors = max(1, _cluster_gpus()) if use_gpu else _cpu_actors(preset.name)
     if num_actors < 1:
         raise UserError(f"--num-actors must be >= 1, got {num_actors}")
+    if args.num_actors is not None and not use_gpu and preset.name != "digits":
+        cores = _cluster_cpus()
+        if cores > 1 and num_actors > cores - 1:
+            raise UserError(f"--num-actors {num_actors} on CPU would take all {cores} cores and starve Ray Data's "
+                            f"read tasks; use at most {cores - 1}")
     if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
         raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
     return CertifyRequest(
@@ -147,6 +157,27 @@ def _cluster_gpus() -> int:
 
     init_ray()
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _cpu_actors(preset_name: str) -> int:
+    """CPU actors: one single-threaded model copy per core beats one copy using every core (1.5× on 2
+    cores). Files read by Ray Data tasks need a free core, or the actors starve the reads for good."""
+    cores = _cluster_cpus()
+    return cores if preset_name == "digits" else max(1, cores - 1)
+
+
+def _cluster_cpus() -> int:
+    """CPU cores of the cluster this job joins, else of this machine (the ones this process may use)."""
+    import os
+
+    if not os.environ.get("RAY_ADDRESS"):
+        return max(1, len(os.sched_getaffinity(0)))
+    import ray
+
+    from pipeline.cli import init_ray
+
+    init_ray()
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _use_gpu(device: str) -> bool:

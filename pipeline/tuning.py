@@ -1,11 +1,9 @@
-"""Throughput options for the fused step: channels_last, static-shape torch.compile, batch sizing.
+"""Throughput options for the fused step: static-shape torch.compile, batch sizing.
 
-The fused step already runs bf16 autocast, channels_last, on-device noise and on-device `bincount`
-counts on CUDA (pipeline/fused.py). What is left for peak throughput lives here, as opt-in wrappers,
+The fused step already runs channels_last, on-device noise and on-device `bincount` counts, plus bf16
+autocast on CUDA (pipeline/fused.py). What is left for peak throughput lives here, as opt-in wrappers,
 so the fused step stays plain eager PyTorch (and exact fp32 on CPU) unless a caller asks:
 
-- `use_channels_last`: NHWC weights on any device. On CPU, oneDNN then runs the convolutions in
-  NHWC too (measured on the digits models: +15-20 % eager throughput, classifier ~2× faster).
 - `compile_predict`: `FusedDenoiseClassify.count` packs whole noise chunks into batches of
   batch_size … batch_size + NOISE_CHUNK − 1 samples (and a smaller last batch). Padding every batch
   to that one maximum gives torch.compile a single static shape: one compilation, and with
@@ -26,18 +24,11 @@ from pipeline.fused import FusedDenoiseClassify
 from pipeline.noise import NOISE_CHUNK
 
 
-def use_channels_last(fused: FusedDenoiseClassify) -> None:
-    """Store the denoiser's and classifier's weights as NHWC (in place; any device)."""
-    fused.denoiser.to(memory_format=torch.channels_last)
-    fused.classifier.to(memory_format=torch.channels_last)
-
-
 def tuned_copy(fused: FusedDenoiseClassify, compile_mode: str | None = None) -> FusedDenoiseClassify:
-    """A fused step on deep copies of `fused`'s models, with channels_last and compile_predict
-    (copies, so that `fused` itself keeps running exactly as configured)."""
+    """A fused step on deep copies of `fused`'s models with compile_predict (copies, so that `fused`
+    itself keeps running eager)."""
     tuned = FusedDenoiseClassify(copy.deepcopy(fused.denoiser), copy.deepcopy(fused.classifier), fused.num_classes,
                                  fused.device, fused.batch_size)
-    use_channels_last(tuned)
     compile_predict(tuned, mode=compile_mode)
     return tuned
 

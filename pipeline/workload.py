@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import init_ray
 from pipeline.errors import UserError
 from pipeline.models.spec import ModelSpec
 from pipeline.presets import Preset
@@ -44,6 +45,7 @@ def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> W
         raise UserError(f"--num-images must be >= 1, got {data.num_images}")
     if preset.name == "digits":
         return _digits(preset, data, models)
+    init_ray()
     return _external(preset, data, models)
 
 
@@ -58,6 +60,9 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
     denoiser_dir = models.denoiser or str(digits_denoiser_dir())
     spec = ModelSpec(denoiser_dir, "digits", str(digits_classifier_dir()), preset.num_classes, in_chans=1)
     _, classifier = spec.load()  # fails fast, in the driver, on a bad --denoiser or cache
+    # Ray starts only now: first-use training above gets both cores instead of sharing them with
+    # Ray's freshly started daemons and prestarted workers.
+    init_ray()
     dataset = ray.data.from_items([
         {"image_id": int(i), "label": int(split.test_labels[i]), "image": split.test_images[i]} for i in ids
     ])

@@ -306,6 +306,26 @@ def test_device_flag_decides_whether_actors_ask_for_a_gpu(monkeypatch):
     assert execution.use_gpu is True and execution.num_actors == 8
 
 
+def test_cpu_actor_default_leaves_a_core_for_file_reads(monkeypatch):
+    """Without GPUs: one actor per core for the in-memory digits set, one fewer when Ray Data tasks read
+    files (all cores held by actors starve the reads forever), and a clear error instead of that hang."""
+    from pipeline.certify_cli import build_parser, request_from_args
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+
+    def actors(preset: str, *flags: str) -> int:
+        return request_from_args(build_parser(preset, "").parse_args(["--device", "cpu", *flags])).execution.num_actors
+
+    assert actors("digits") == 4
+    assert actors("imagenet") == actors("cifar10") == 3
+    assert actors("imagenet", "--num-actors", "3") == 3
+    with pytest.raises(UserError, match="--num-actors 4 on CPU would take all 4 cores"):
+        actors("imagenet", "--num-actors", "4")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert actors("digits") == actors("imagenet") == 1
+
+
 def test_models_load_from_an_fsspec_url(diffusers_denoiser, tmp_path):
     """--denoiser / --classifier as bucket URLs (memory:// stands in for s3://) load the same models."""
     classifier = save_torchscript(tmp_path / "classifier.pt", num_classes=10)
