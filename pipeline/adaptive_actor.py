@@ -63,7 +63,7 @@ def run_adaptive_pass(dataset, image_ids: np.ndarray, model_spec: ModelSpec, set
     if len(todo):
         subset = dataset.map_batches(
             lambda batch: batch.filter(pa.compute.is_in(batch["image_id"], value_set=todo)),
-            batch_format="pyarrow", zero_copy_batch=True)
+            batch_format="pyarrow", zero_copy_batch=True, num_cpus=0)  # as in run._run_pass
         counted = subset.map_batches(
             AdaptiveCountActor,
             fn_constructor_kwargs=dict(model_spec=model_spec, settings=settings, seed=seed, batch_size=batch_size,

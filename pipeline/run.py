@@ -151,7 +151,10 @@ def _run_pass(dataset, todo: np.ndarray, model_spec: ModelSpec, sigmas: tuple[fl
     def keep_todo(batch: pa.Table) -> pa.Table:
         return batch.filter(pa.compute.is_in(batch["image_id"], value_set=todo_set))
 
-    subset = dataset.map_batches(keep_todo, batch_format="pyarrow", zero_copy_batch=True)
+    # num_cpus=0: this cheap filter must never wait for a core held by an actor. Ray Data usually fuses
+    # it into the actor stage, but not when that stage has its own runtime_env (fault injection), and
+    # then one CPU actor per core would starve it forever.
+    subset = dataset.map_batches(keep_todo, batch_format="pyarrow", zero_copy_batch=True, num_cpus=0)
     counted = subset.map_batches(
         CountActor,
         fn_constructor_kwargs=dict(
