@@ -19,6 +19,7 @@ from pipeline.fused import FusedDenoiseClassify
 from pipeline.models.spec import ModelSpec
 from pipeline.noise import Phase
 from pipeline.reduce import results_table
+from pipeline.run import ExecutionConfig, rows_of, run_actors
 from pipeline.shards import read_shards, shard_name, write_shard
 from pipeline.votes import FusedVoteSource
 
@@ -50,33 +51,18 @@ class AdaptiveCountActor:
 
 
 def run_adaptive_pass(dataset, image_ids: np.ndarray, model_spec: ModelSpec, settings: AdaptiveSettings,
-                      seed: int, num_actors: int, images_per_batch: int, batch_size: int, use_gpu: bool,
-                      counts_dir: str) -> pa.Table:
+                      seed: int, execution: ExecutionConfig, counts_dir: str) -> pa.Table:
     """Sample every image without rows in `counts_dir` yet; returns the counts rows of `image_ids`."""
-    import ray.data
-
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
-    on_disk = read_shards(counts_dir)
-    done = set(on_disk["image_id"].to_pylist())
-    todo = pa.array([i for i in image_ids.tolist() if i not in done], pa.int64())
+    done = set(read_shards(counts_dir)["image_id"].to_pylist())
+    todo = np.array([i for i in image_ids.tolist() if i not in done], dtype=np.int64)
     print(f"[mdds] adaptive: sampling {len(todo)} image(s) ({len(image_ids) - len(todo)} already done)", flush=True)
     if len(todo):
-        subset = dataset.map_batches(
-            lambda batch: batch.filter(pa.compute.is_in(batch["image_id"], value_set=todo)),
-            batch_format="pyarrow", zero_copy_batch=True, num_cpus=0)  # as in run._run_pass
-        counted = subset.map_batches(
-            AdaptiveCountActor,
-            fn_constructor_kwargs=dict(model_spec=model_spec, settings=settings, seed=seed, batch_size=batch_size,
-                                       counts_dir=counts_dir),
-            batch_size=images_per_batch,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if use_gpu else 0,
-            num_cpus=0 if use_gpu else 1,
-        )
-        sum(int(row["rows"]) for row in counted.iter_rows())
-    table = read_shards(counts_dir)
-    return table.filter(pa.compute.is_in(table["image_id"], value_set=pa.array(image_ids)))
+        run_actors(dataset, todo, AdaptiveCountActor, dict(
+            model_spec=model_spec, settings=settings, seed=seed, batch_size=execution.samples_per_forward,
+            counts_dir=counts_dir,
+        ), execution)
+    return rows_of(counts_dir, image_ids)
 
 
 def reduce_adaptive(arrays: CountsArrays, alpha: float, p0: float) -> pa.Table:

@@ -96,17 +96,7 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     preset = get_preset(args.preset)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
     use_gpu = _use_gpu(args.device)
-    if args.num_actors is not None:
-        num_actors = args.num_actors
-    else:
-        num_actors = max(1, _cluster_gpus()) if use_gpu else _cpu_actors(preset.name)
-    if num_actors < 1:
-        raise UserError(f"--num-actors must be >= 1, got {num_actors}")
-    if args.num_actors is not None and not use_gpu and preset.name != "digits":
-        cores = _cluster_cpus()
-        if cores > 1 and num_actors > cores - 1:
-            raise UserError(f"--num-actors {num_actors} on CPU would take all {cores} cores and starve Ray Data's "
-                            f"read tasks; use at most {cores - 1}")
+    num_actors = _num_actors(args.num_actors, use_gpu, reads_files=preset.name != "digits")
     if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
         raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
     return CertifyRequest(
@@ -143,41 +133,40 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     )
 
 
-def _cluster_gpus() -> int:
-    """GPUs in the cluster this job joins (0 before Ray starts or without a cluster)."""
+def _num_actors(requested: int | None, use_gpu: bool, reads_files: bool) -> int:
+    """`--num-actors`, checked, or its default: one actor per GPU; without GPUs one single-threaded actor
+    per core, which beats one copy using every core (1.5× on 2 cores). When Ray Data tasks read files
+    (every preset but the in-memory digits), one core stays free: actors on every core starve the reads
+    for good."""
+    if requested is not None and requested < 1:
+        raise UserError(f"--num-actors must be >= 1, got {requested}")
+    if use_gpu:
+        return requested or max(1, _cluster_resource("GPU"))
+    cores = max(1, _cluster_resource("CPU"))
+    if not reads_files:
+        return requested or cores
+    if requested is not None and cores > 1 and requested > cores - 1:
+        raise UserError(f"--num-actors {requested} on CPU would take all {cores} cores and starve Ray Data's "
+                        f"read tasks; use at most {cores - 1}")
+    return requested or max(1, cores - 1)
+
+
+def _cluster_resource(name: str) -> int:
+    """GPUs or CPU cores of the cluster this job joins (RAY_ADDRESS), else of this machine."""
     import os
 
     if not os.environ.get("RAY_ADDRESS"):
-        import torch
+        if name == "GPU":
+            import torch
 
-        return torch.cuda.device_count()
+            return torch.cuda.device_count()
+        return len(os.sched_getaffinity(0))
     import ray
 
     from pipeline.cli import init_ray
 
     init_ray()
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
-def _cpu_actors(preset_name: str) -> int:
-    """CPU actors: one single-threaded model copy per core beats one copy using every core (1.5× on 2
-    cores). Files read by Ray Data tasks need a free core, or the actors starve the reads for good."""
-    cores = _cluster_cpus()
-    return cores if preset_name == "digits" else max(1, cores - 1)
-
-
-def _cluster_cpus() -> int:
-    """CPU cores of the cluster this job joins, else of this machine (the ones this process may use)."""
-    import os
-
-    if not os.environ.get("RAY_ADDRESS"):
-        return max(1, len(os.sched_getaffinity(0)))
-    import ray
-
-    from pipeline.cli import init_ray
-
-    init_ray()
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return int(ray.cluster_resources().get(name, 0))
 
 
 def _use_gpu(device: str) -> bool:
@@ -192,4 +181,4 @@ def _use_gpu(device: str) -> bool:
             raise UserError("--device cuda: this machine has no GPU and no cluster is named by RAY_ADDRESS "
                             "(submit with `ray job submit`, or use --device auto)")
         return True
-    return default_device().type == "cuda" or _cluster_gpus() > 0
+    return default_device().type == "cuda" or _cluster_resource("GPU") > 0

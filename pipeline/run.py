@@ -113,9 +113,7 @@ def sample_counts(
 
         settings = AdaptiveSettings(tuple(sampling.sigmas), sampling.n_select, sampling.n, sampling.alpha,
                                     sampling.p0, sampling.radius_tolerance)
-        return run_adaptive_pass(dataset, image_ids, model_spec, settings, sampling.seed, execution.num_actors,
-                                 execution.images_per_batch, execution.samples_per_forward, execution.use_gpu,
-                                 counts_dir)
+        return run_adaptive_pass(dataset, image_ids, model_spec, settings, sampling.seed, execution, counts_dir)
     passes = [sampling.sigmas] if sampling.all_scales else [(s,) for s in sampling.sigmas]
     wanted = image_ids
     for stage, sigmas in enumerate(passes):
@@ -129,8 +127,7 @@ def sample_counts(
         print(f"[mdds] {label}: sampling {len(todo)} image(s) ({len(wanted) - len(todo)} already done)", flush=True)
         if len(todo):
             _run_pass(dataset, todo, model_spec, sigmas, sampling, execution, counts_dir)
-    table = read_shards(counts_dir)
-    return table.filter(pa.compute.is_in(table["image_id"], value_set=pa.array(image_ids)))
+    return rows_of(counts_dir, image_ids)
 
 
 def _forward_env(name: str) -> dict:
@@ -142,11 +139,23 @@ def _forward_env(name: str) -> dict:
 
 def _run_pass(dataset, todo: np.ndarray, model_spec: ModelSpec, sigmas: tuple[float, ...],
               sampling: SamplingConfig, execution: ExecutionConfig, counts_dir: str) -> None:
-    import ray.data
-
     from pipeline.actor import FAIL_ONCE_ENV, CountActor
 
-    todo_set = pa.array(todo)
+    written = run_actors(dataset, todo, CountActor, dict(
+        model_spec=model_spec, sigmas=sigmas, n_select=sampling.n_select, n=sampling.n,
+        seed=sampling.seed, batch_size=execution.samples_per_forward, counts_dir=counts_dir,
+    ), execution, **_forward_env(FAIL_ONCE_ENV))
+    logger.info("wrote %d counts rows", written)
+
+
+def run_actors(dataset, todo: np.ndarray, actor_class: type, constructor_kwargs: dict, execution: ExecutionConfig,
+               **ray_options) -> int:
+    """Feed the images of `todo` to a pool of `actor_class` (each call writes its shard and returns
+    {"rows": [n]}); returns the rows written. Ray Data restarts dead actors and retries their batches
+    by default (max_restarts=-1)."""
+    import ray.data
+
+    todo_set = pa.array(todo, pa.int64())
 
     def keep_todo(batch: pa.Table) -> pa.Table:
         return batch.filter(pa.compute.is_in(batch["image_id"], value_set=todo_set))
@@ -156,18 +165,20 @@ def _run_pass(dataset, todo: np.ndarray, model_spec: ModelSpec, sigmas: tuple[fl
     # then one CPU actor per core would starve it forever.
     subset = dataset.map_batches(keep_todo, batch_format="pyarrow", zero_copy_batch=True, num_cpus=0)
     counted = subset.map_batches(
-        CountActor,
-        fn_constructor_kwargs=dict(
-            model_spec=model_spec, sigmas=sigmas, n_select=sampling.n_select, n=sampling.n,
-            seed=sampling.seed, batch_size=execution.samples_per_forward, counts_dir=counts_dir,
-        ),
+        actor_class,
+        fn_constructor_kwargs=constructor_kwargs,
         batch_size=execution.images_per_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=execution.num_actors),
         num_gpus=1 if execution.use_gpu else 0,
         num_cpus=0 if execution.use_gpu else 1,
-        **_forward_env(FAIL_ONCE_ENV),
-    )  # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1)
-    written = sum(int(row["rows"]) for row in counted.iter_rows())
-    logger.info("wrote %d counts rows", written)
+        **ray_options,
+    )
+    return sum(int(row["rows"]) for row in counted.iter_rows())
+
+
+def rows_of(counts_dir: str, image_ids: np.ndarray) -> pa.Table:
+    """The counts rows on disk that belong to `image_ids` (a resumed OUT may hold others)."""
+    table = read_shards(counts_dir)
+    return table.filter(pa.compute.is_in(table["image_id"], value_set=pa.array(image_ids)))
 
