@@ -60,4 +60,23 @@ def read_shards(directory: str) -> pa.Table:
                 tables.append(pq.read_table(handle).select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA))
         except (pa.ArrowException, OSError, KeyError) as error:
             logger.warning("ignoring unreadable counts shard %s (%s); it will be recomputed", path, error)
-    return pa.concat_tables(tables) if tables else COUNTS_SCHEMA.empty_table()
+    return _drop_repeated_rows(pa.concat_tables(tables)) if tables else COUNTS_SCHEMA.empty_table()
+
+
+def _drop_repeated_rows(table: pa.Table) -> pa.Table:
+    """Keep one of several identical rows. An actor of a killed driver can finish its batch after a
+    resume has started and recomputed the same images in differently composed (differently named)
+    shards; counts are deterministic, so such rows are identical and one copy is the truth. Rows that
+    differ for one (image_id, sigma) stay, and counts_to_arrays refuses them."""
+    keys = np.stack([table["image_id"].to_numpy().astype(np.float64), table["sigma"].to_numpy()], axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    if len(first) == table.num_rows:  # the usual case: nothing repeated, nothing to compare
+        return table
+    inverse = inverse.reshape(-1)
+    keep = []
+    for index in range(table.num_rows):
+        original = int(first[inverse[index]])
+        if index == original or not all(table[name][index] == table[name][original]
+                                        for name in ("label", "select_counts", "estimate_counts")):
+            keep.append(index)
+    return table.take(pa.array(keep, pa.int64()))

@@ -132,3 +132,18 @@ def test_reduce_over_a_subset_of_scales(tmp_path):
     done = run_reduce(str(counts), "--out", str(out), "--sigmas", "0.5")
     assert done.returncode == 0, done.stderr
     assert pq.read_table(out)["sigma"].to_pylist() == [0.5, 0.5, None]
+
+
+def test_shards_repeating_identical_rows_read_once_and_conflicting_rows_stay(tmp_path):
+    """A killed run's late actor can rewrite rows a resume already recomputed: identical copies collapse
+    (counts are deterministic); a row that differs stays, for counts_to_arrays to refuse."""
+    from pipeline.shards import read_shards
+
+    rows = pa.table({"image_id": [1, 2], "label": [0, 1], "sigma": [0.5, 0.5],
+                     "select_counts": [[1, 2], [3, 4]], "estimate_counts": [[5, 6], [7, 8]]}).cast(COUNTS_SCHEMA)
+    pq.write_table(rows, tmp_path / "part-a.parquet")
+    pq.write_table(rows.slice(1), tmp_path / "part-b.parquet")
+    assert read_shards(str(tmp_path)).sort_by("image_id").equals(rows)
+    pq.write_table(rows.slice(1).set_column(4, "estimate_counts", pa.array([[7, 9]], pa.list_(pa.int64()))),
+                   tmp_path / "part-c.parquet")
+    assert read_shards(str(tmp_path)).num_rows == 3
