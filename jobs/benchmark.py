@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cli import run_main
+from pipeline.app.cli import run_main
 from pipeline.errors import UserError
 
 TARGETS = {
@@ -116,10 +116,10 @@ def digits_models(args: argparse.Namespace, workdir: Path):
 
 
 def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
-    from pipeline import benchmark
-    from pipeline.digits_data import load_digits_split
-    from pipeline.fused import FusedDenoiseClassify
-    from pipeline.presets import get_preset
+    from pipeline.perf import benchmark
+    from pipeline.data.digits import load_digits_split
+    from pipeline.sampling.kernel import FusedDenoiseClassify
+    from pipeline.app.presets import get_preset
 
     if args.preset != "digits":
         raise UserError("the benchmark runs on --preset digits; for ImageNet-size models use --gpu-check")
@@ -150,8 +150,8 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
 
 
 def throughput_sections(args: argparse.Namespace, fused, spec, work, workdir: Path) -> dict:
-    from pipeline import benchmark
-    from pipeline.tuning import tuned_copy
+    from pipeline.perf import benchmark
+    from pipeline.perf.tuning import tuned_copy
 
     print(f"[benchmark] fused step vs reference loop: {work.all_scales_samples} samples each", flush=True)
     tuned = tuned_copy(fused) if args.compile else None
@@ -295,8 +295,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mdds-benchmark-") as tmp:
         if args.gpu_check:
-            from pipeline.benchmark import machine_info
-            from pipeline.gpu_check import GpuCheckSettings, run_gpu_check
+            from pipeline.perf.benchmark import machine_info
+            from pipeline.perf.gpu_check import GpuCheckSettings, run_gpu_check
 
             settings = GpuCheckSettings(classifier=args.gpu_classifier, tiny=args.tiny, compile=args.compile,
                                         batch_size=args.batch_size, peak_tflops=args.peak_tflops,

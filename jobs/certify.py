@@ -4,9 +4,9 @@
     python jobs/certify.py --all-scales --out outputs/digits-all --n 2000
 """
 
-from pipeline.certify import certify
-from pipeline.certify_cli import build_parser, request_from_args
-from pipeline.cli import run_main
+from pipeline.app.certify import certify
+from pipeline.app.args import build_parser, request_from_args
+from pipeline.app.cli import run_main
 
 
 def main() -> None:

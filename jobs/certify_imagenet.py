@@ -20,9 +20,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python jobs/certify_imagenet.py` from a checkout without `pip install -e .`
 
-from pipeline.certify import certify  # noqa: E402
-from pipeline.certify_cli import build_parser, request_from_args  # noqa: E402
-from pipeline.cli import run_main  # noqa: E402
+from pipeline.app.certify import certify  # noqa: E402
+from pipeline.app.args import build_parser, request_from_args  # noqa: E402
+from pipeline.app.cli import run_main  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Measure how often certificates over-claim, on base classifiers with known class probabilities.
 
-Vote counts are drawn straight from multinomial laws (pipeline.analytic), certified, and compared
+Vote counts are drawn straight from multinomial laws (pipeline.stats.analytic), certified, and compared
 with the true robustness radius. A violation is a certificate whose class is wrong or whose radius
 exceeds the true radius; Cohen et al. and the union-mode cascade promise a rate of at most alpha
 per input. Also reports tightness: the certified radius at n = 100,000 against the true radius.
@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
-from pipeline.analytic import (
+from pipeline.stats.analytic import (
     EXAMPLE_CASCADE_INPUTS,
     LinearBinary,
     example_cascade,
     sample_votes,
 )
-from pipeline.bounds import clopper_pearson_lower
-from pipeline.cascade import certify_cascade, certify_single_scale
+from pipeline.stats.bounds import clopper_pearson_lower
+from pipeline.stats.cascade import certify_cascade, certify_single_scale
 from pipeline.errors import UserError
 
 LINEAR = LinearBinary(weights=np.array([3.0, 4.0]), bias=0.0)

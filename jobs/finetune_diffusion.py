@@ -23,11 +23,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `python jobs/finetune_diffusion.py` from a plain checkout
 
-from pipeline.cli import init_ray, prepare_out_dir, run_main, user_error_message  # noqa: E402
+from pipeline.app.cli import prepare_out_dir, run_main, user_error_message  # noqa: E402
+from pipeline.distributed.ray_init import init_ray  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.finetune.loss import LossSettings  # noqa: E402
 from pipeline.finetune.train_loop import FinetuneSettings, ProbeSet, train_loop_per_worker  # noqa: E402
-from pipeline.presets import get_preset, parse_sigmas  # noqa: E402
+from pipeline.app.presets import get_preset, parse_sigmas  # noqa: E402
 
 RUN_RECORD = "run.json"
 DENOISER_SUBDIR = "denoiser"
@@ -201,7 +202,7 @@ def _digits_data(probe_images: int):
     """The digits train split as Ray Data rows {image_id, label, image}, and the probe images."""
     import ray.data
 
-    from pipeline.digits_data import load_digits_split
+    from pipeline.data.digits import load_digits_split
 
     split = load_digits_split()
     rows = [

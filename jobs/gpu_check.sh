@@ -5,7 +5,7 @@
 #   OUT=/tmp/gpu bash jobs/gpu_check.sh --peak-tflops 989
 #
 # Prints samples/s, FLOPs per sample and MFU (achieved FLOP/s over the GPU's dense bf16 peak; known
-# GPUs are in pipeline/flops.py, others need --peak-tflops). Extra arguments go to both runs.
+# GPUs are in pipeline/perf/flops.py, others need --peak-tflops). Extra arguments go to both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu_check}"

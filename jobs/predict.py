@@ -5,10 +5,10 @@
 
 from dataclasses import replace
 
-from pipeline.certify_cli import build_parser, request_from_args
-from pipeline.cli import run_main
+from pipeline.app.args import build_parser, request_from_args
+from pipeline.app.cli import run_main
 from pipeline.errors import UserError
-from pipeline.predict import predict
+from pipeline.app.predict import predict
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     if args.out is None:
         args.out = f"outputs/{args.preset}-predict"
     request = request_from_args(args)
-    sampling = replace(request.sampling, n_select=0, task="predict", all_scales=False)
+    sampling = replace(request.sampling, n_select=0, strategy="predict")
     print(predict(replace(request, sampling=sampling)))
 
 

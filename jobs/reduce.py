@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cascade import ALPHA_MODES
-from pipeline.cli import run_main
-from pipeline.counts import counts_to_arrays, read_counts
+from pipeline.stats.cascade import ALPHA_MODES
+from pipeline.app.cli import run_main
+from pipeline.store.counts import counts_to_arrays, read_counts
 from pipeline.errors import UserError
-from pipeline.presets import parse_sigmas
-from pipeline.reduce import reduce_cascade
+from pipeline.app.presets import parse_sigmas
+from pipeline.app.reduce import reduce_cascade
 
 
 def run_sigmas(counts: str, flag: str | None) -> tuple[float, ...] | None:

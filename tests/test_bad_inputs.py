@@ -20,7 +20,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from pipeline.counts import counts_table
+from pipeline.store.counts import counts_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_RUN = ("--num-images", "2", "--n", "20", "--n-select", "10", "--sigmas", "0.5")

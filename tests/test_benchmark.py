@@ -19,12 +19,12 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from pipeline.cli import run_main
-from pipeline.flops import flops_per_sample, peak_bf16_flops
-from pipeline.fused import FusedDenoiseClassify
-from pipeline.tuning import compile_predict
-from pipeline.noise import Phase
-from pipeline.reference_loop import reference_counts
+from pipeline.app.cli import run_main
+from pipeline.perf.flops import flops_per_sample, peak_bf16_flops
+from pipeline.sampling.kernel import FusedDenoiseClassify
+from pipeline.perf.tuning import compile_predict
+from pipeline.sampling.noise import Phase
+from pipeline.perf.reference_loop import reference_counts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_reference_loop_counts_follow_the_same_distribution(denoiser) -> None:
     """Same models, independent noise streams: the class distributions of the reference loop and
     the fused step at each scale are statistically indistinguishable (chi-square test) and agree
     on the top class; a sigma off by 2× (the [0,1] vs [-1,1] slip) is detected by the same test."""
-    from pipeline.digits_data import load_digits_split
+    from pipeline.data.digits import load_digits_split
 
     image = load_digits_split().test_images[:1]
     sigmas = (0.5, 0.25)
@@ -198,7 +198,7 @@ def test_peak_table_and_override() -> None:
 
 
 def test_gpu_check_runs_its_cpu_path_with_a_tiny_unet(one_thread) -> None:
-    from pipeline.gpu_check import GpuCheckSettings, run_gpu_check
+    from pipeline.perf.gpu_check import GpuCheckSettings, run_gpu_check
 
     result = run_gpu_check(GpuCheckSettings(tiny=True, batch_size=64, timed_batches=1), torch.device("cpu"))
     assert result["samples"] >= 64 and result["samples_per_s"] > 0

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binom
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
-from pipeline.bounds import (
+from pipeline.stats.bounds import (
     clopper_pearson_lower,
     clopper_pearson_upper,
     goodman_upper,

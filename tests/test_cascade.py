@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
-from pipeline.cascade import certify_cascade, certify_single_scale, stage_levels, undecided_mask
+from pipeline.stats.cascade import certify_cascade, certify_single_scale, stage_levels, undecided_mask
 from pipeline.errors import UserError
 
 SIGMAS = (1.0, 0.5, 0.25)
@@ -136,7 +136,7 @@ def test_two_group_cap_uses_the_published_fallback_class(mode: str) -> None:
     # [978, 22] once class 1 (certified at stage 2) is set aside. The published code bounds the
     # others by 1 - p̲(ĉ_1 = class 0) ≈ 0.99: negative cap, abstain. 1 - p̲(class 1) alone would
     # certify; union mode takes the larger of the two so that it never certifies what reference
-    # does not (pipeline.cascade docstring).
+    # does not (pipeline.stats.cascade docstring).
     select = [[60, 40, 0, 0], [0, 100, 0, 0], ZERO]
     estimate = [[20, 978, 2, 0], [0, 1000, 0, 0], ZERO]
     assert reduce_counts(np.array(estimate[0]), 1) == [978, 22]

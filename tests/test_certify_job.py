@@ -12,11 +12,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cascade import undecided_mask
-from pipeline.certify import CertifyRequest, certify
-from pipeline.certify_cli import build_parser, request_from_args
-from pipeline.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
-from pipeline.reduce import RESULTS_SCHEMA
+from pipeline.stats.cascade import undecided_mask
+from pipeline.app.certify import CertifyRequest, certify
+from pipeline.app.args import build_parser, request_from_args
+from pipeline.store.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
+from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -116,11 +116,11 @@ def test_cli_end_to_end(digits_cache, tmp_path):
 def test_predict_job_writes_predictions(digits_cache, ray_session, tmp_path):
     from dataclasses import replace
 
-    from pipeline.predict import PREDICTIONS_SCHEMA, predict
-    from pipeline.prediction import predict_cascade
+    from pipeline.app.predict import PREDICTIONS_SCHEMA, predict
+    from pipeline.stats.prediction import predict_cascade
 
     base = request(tmp_path)
-    summary = predict(replace(base, sampling=replace(base.sampling, n_select=0, task="predict")))
+    summary = predict(replace(base, sampling=replace(base.sampling, n_select=0, strategy="predict")))
     table = pq.read_table(tmp_path / "predictions.parquet")
     assert table.schema == PREDICTIONS_SCHEMA and table.num_rows == 12
     arrays = counts_to_arrays(sorted_counts(tmp_path), SIGMAS)

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cascade import certify_cascade
-from pipeline.counts import COUNTS_SCHEMA, counts_table, counts_to_arrays, read_counts
+from pipeline.stats.cascade import certify_cascade
+from pipeline.store.counts import COUNTS_SCHEMA, counts_table, counts_to_arrays, read_counts
 from pipeline.errors import UserError
-from pipeline.presets import get_preset, parse_sigmas
-from pipeline.reduce import RESULTS_SCHEMA
+from pipeline.app.presets import get_preset, parse_sigmas
+from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
 
 
@@ -137,7 +137,7 @@ def test_reduce_over_a_subset_of_scales(tmp_path):
 def test_shards_repeating_identical_rows_read_once_and_conflicting_rows_stay(tmp_path):
     """A killed run's late actor can rewrite rows a resume already recomputed: identical copies collapse
     (counts are deterministic); a row that differs stays, for counts_to_arrays to refuse."""
-    from pipeline.shards import read_shards
+    from pipeline.store.shards import read_shards
 
     rows = pa.table({"image_id": [1, 2], "label": [0, 1], "sigma": [0.5, 0.5],
                      "select_counts": [[1, 2], [3, 4]], "estimate_counts": [[5, 6], [7, 8]]}).cast(COUNTS_SCHEMA)

@@ -19,8 +19,8 @@ import pytest
 from scipy.stats import beta, binom, norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
-from pipeline.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade, sample_votes
-from pipeline.cascade import certify_cascade, certify_single_scale
+from pipeline.stats.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade, sample_votes
+from pipeline.stats.cascade import certify_cascade, certify_single_scale
 
 ALPHA = 0.1
 TRIALS = 10_000

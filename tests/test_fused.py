@@ -10,10 +10,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from pipeline.errors import UserError
-from pipeline.fused import FusedDenoiseClassify
+from pipeline.sampling.kernel import FusedDenoiseClassify
 from pipeline.models.denoiser import OneShotDenoiser, denoiser_from_parts
 from pipeline.models.digits import new_digits_unet
-from pipeline.noise import NOISE_CHUNK, Phase, chunk_lengths, chunk_noise, chunk_seed
+from pipeline.sampling.noise import NOISE_CHUNK, Phase, chunk_lengths, chunk_noise, chunk_seed
 
 
 class MeanThreshold(torch.nn.Module):

@@ -27,12 +27,12 @@ from scipy.stats import norm
 from torch import nn
 from torchvision import transforms
 
-from pipeline.counts import counts_to_arrays, read_counts
+from pipeline.store.counts import counts_to_arrays, read_counts
 from pipeline.errors import UserError
-from pipeline.fused import FusedDenoiseClassify
+from pipeline.sampling.kernel import FusedDenoiseClassify
 from pipeline.models.spec import ModelSpec
-from pipeline.noise import Phase
-from pipeline.reduce import RESULTS_SCHEMA
+from pipeline.sampling.noise import Phase
+from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
 from tests.test_guided_diffusion import random_reference, save_reference
 
@@ -239,7 +239,7 @@ def test_missing_checkpoint_fails_in_the_driver_in_one_line(
 ):
     """Caught before any actor starts (an actor would fail with a Ray traceback instead), same exit path as
     the job's `__main__` (run_main), in-process to spare a subprocess."""
-    from pipeline.cli import run_main
+    from pipeline.app.cli import run_main
 
     absent = tmp_path / "absent"
     denoiser, weights = (absent, timm_weights) if missing == "denoiser" else (guided_denoiser, absent)
@@ -279,7 +279,7 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
 
     # What a run without overrides actually uses (the issue: Carlini et al.'s / Jeong & Shin's settings).
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    from pipeline.certify_cli import build_parser, request_from_args
+    from pipeline.app.args import build_parser, request_from_args
 
     for preset, n in (("imagenet", 10_000), ("cifar10", 100_000)):
         request = request_from_args(build_parser(preset, "").parse_args([]))
@@ -290,7 +290,7 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
 
 def test_device_flag_decides_whether_actors_ask_for_a_gpu(monkeypatch):
     """An autoscaling cluster starts with no GPU worker: only --device cuda makes the actors ask for one."""
-    from pipeline.certify_cli import build_parser, request_from_args
+    from pipeline.app.args import build_parser, request_from_args
 
     def parse(*flags: str):
         return request_from_args(build_parser("imagenet", "").parse_args(list(flags)))
@@ -309,7 +309,7 @@ def test_device_flag_decides_whether_actors_ask_for_a_gpu(monkeypatch):
 def test_cpu_actor_default_leaves_a_core_for_file_reads(monkeypatch):
     """Without GPUs: one actor per core for the in-memory digits set, one fewer when Ray Data tasks read
     files (all cores held by actors starve the reads forever), and a clear error instead of that hang."""
-    from pipeline.certify_cli import build_parser, request_from_args
+    from pipeline.app.args import build_parser, request_from_args
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})

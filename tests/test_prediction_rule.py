@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from pipeline.analytic import sample_votes
+from pipeline.stats.analytic import sample_votes
 from pipeline.errors import UserError
-from pipeline.prediction import predict_cascade, top_two_pvalue
+from pipeline.stats.prediction import predict_cascade, top_two_pvalue
 
 ALPHA = 0.05
 TRIALS = 20_000

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.bounds import clopper_pearson_lower, clopper_pearson_upper
-from pipeline.cascade import certify_cascade
-from pipeline.prediction import predict_cascade
+from pipeline.stats.bounds import clopper_pearson_lower, clopper_pearson_upper
+from pipeline.stats.cascade import certify_cascade
+from pipeline.stats.prediction import predict_cascade
 
 SIGMAS = (1.0, 0.5, 0.25)
 SETTINGS = settings(max_examples=60, deadline=None)

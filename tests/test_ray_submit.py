@@ -24,7 +24,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.reduce import RESULTS_SCHEMA
+from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
 from tests.test_imagenet_job import FAVOURED_CLASS, make_diffusers_denoiser, make_imagenet_tree, save_torchscript
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cascade import certify_cascade
+from pipeline.stats.cascade import certify_cascade
 
 REFERENCE_CASES = Path(__file__).resolve().parents[2] / "shared" / "cascade_reference_cases.parquet"
 ALPHA = 0.001

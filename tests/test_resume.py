@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.actor import FAIL_ONCE_ENV
-from pipeline.shards import read_shards
+from pipeline.distributed.actor import FAIL_ONCE_ENV
+from pipeline.store.shards import read_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # 12 images in batches of 4: three shards for the first scale, so a kill after the first is mid-pass.

@@ -1,4 +1,4 @@
-"""Confidence sequences (pipeline/sequential.py) and adaptive sampling (pipeline/adaptive.py).
+"""Confidence sequences (pipeline/stats/confidence_sequences.py) and adaptive sampling (pipeline/stats/sequential_cascade.py).
 
 Coverage is measured by Monte Carlo with fixed seeds at alpha = 0.1 (so misses are frequent enough
 to count). A miss rate that truly is <= alpha exceeds alpha + 4·sqrt(alpha(1-alpha)/R) with
@@ -15,17 +15,12 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import beta
 
-from pipeline.adaptive import (
-    AdaptiveSettings,
-    certify_cascade_sequential,
-    round_ends,
-    run_adaptive,
-    run_fixed,
-)
-from pipeline.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade
-from pipeline.noise import NOISE_CHUNK, Phase
-from pipeline.sequential import log_capital, sequence_lower, sequence_upper
-from pipeline.votes import CachedVoteSource, FusedVoteSource, VoteRequests
+from pipeline.sampling.adaptive import round_ends, run_adaptive, run_fixed
+from pipeline.stats.sequential_cascade import AdaptiveSettings, certify_cascade_sequential
+from pipeline.stats.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade
+from pipeline.sampling.noise import NOISE_CHUNK, Phase
+from pipeline.stats.confidence_sequences import log_capital, sequence_lower, sequence_upper
+from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource, VoteRequests
 
 ALPHA = 0.1
 
@@ -199,7 +194,7 @@ def test_certify_sequential_reads_like_the_fixed_cascade() -> None:
 def tiny_fused():
     """Random-weight digits architectures: counts only need to be deterministic, not meaningful.
     One torch thread: for batches this small, a second thread on a busy 2-core machine costs ~5×."""
-    from pipeline.fused import FusedDenoiseClassify
+    from pipeline.sampling.kernel import FusedDenoiseClassify
     from pipeline.models.denoiser import denoiser_from_parts
     from pipeline.models.digits import new_digits_classifier, new_digits_scheduler, new_digits_unet
 
@@ -248,11 +243,13 @@ def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_pat
     certificates, including the routing (which stages have rows)."""
     from safetensors.torch import save_file
 
-    from pipeline.adaptive_actor import AdaptiveCountActor, reduce_adaptive
-    from pipeline.counts import counts_to_arrays
+    from pipeline.app.reduce import reduce_adaptive
+    from pipeline.distributed.actor import CascadeActor
+    from pipeline.sampling.strategies import SamplingConfig
+    from pipeline.store.counts import counts_to_arrays
     from pipeline.models.digits import new_digits_scheduler
     from pipeline.models.spec import ModelSpec
-    from pipeline.shards import read_shards
+    from pipeline.store.shards import read_shards
 
     tiny_fused.denoiser.unet.save_pretrained(tmp_path / "denoiser", safe_serialization=True)
     new_digits_scheduler().save_pretrained(tmp_path / "denoiser")
@@ -260,10 +257,13 @@ def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_pat
     save_file({k: v.contiguous() for k, v in tiny_fused.classifier.network.state_dict().items()},
               str(tmp_path / "classifier" / "classifier.safetensors"))
     spec = ModelSpec(str(tmp_path / "denoiser"), "digits", str(tmp_path / "classifier"), 10, in_chans=1)
-    settings = AdaptiveSettings((0.5, 0.25, 0.125), 16, 256, alpha=0.3, first_round=64)
+    config = SamplingConfig((0.5, 0.25, 0.125), 16, 256, seed=0, alpha=0.3, alpha_mode="union", p0=0.5,
+                            strategy="adaptive")
+    settings = AdaptiveSettings(config.sigmas, 16, 256, alpha=0.3)
     images = np.random.default_rng(2).random((3, 1, 16, 16), dtype=np.float32)
     ids, labels = np.array([3, 8, 9]), np.array([1, 2, 3])
-    actor = AdaptiveCountActor(spec, settings, seed=0, batch_size=200, counts_dir=str(tmp_path / "counts"))
+    actor = CascadeActor(spec, config, samples_per_forward=200, counts_dir=str(tmp_path / "counts"),
+                         shard_metadata={}, prior={})
     assert actor({"image": images, "image_id": ids, "label": labels})["rows"][0] >= 3
     results = reduce_adaptive(counts_to_arrays(read_shards(str(tmp_path / "counts")), settings.sigmas), 0.3, 0.5)
     source = FusedVoteSource(tiny_fused, images, ids, settings.sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: 256}, 0)

@@ -20,9 +20,9 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from pipeline.errors import UserError
-from pipeline.sources import SourceInfo, cifar10_dataset, class_folder_dataset, parquet_image_dataset
-from pipeline.sources.decode import preprocess
-from pipeline.sources.selection import select_image_ids
+from pipeline.data import SourceInfo, cifar10_source, class_folder_source, parquet_image_source
+from pipeline.data.decode import preprocess
+from pipeline.data.selection import select_image_ids
 
 CLASS_NAMES = ("zebra", "ant", "mole")  # created out of sorted order on purpose
 IMAGE_SIZES = ((37, 29), (41, 53), (64, 64), (90, 33))  # (width, height): portrait, landscape, square
@@ -140,7 +140,8 @@ def test_preprocess_grayscale_mode_and_crop_larger_than_image():
 
 
 def test_class_folder_full_tree_matches_reference_scripts(ray_session, class_tree):
-    dataset, info = class_folder_dataset(str(class_tree), on_bad_image="skip")
+    source = class_folder_source(str(class_tree), on_bad_image="skip")
+    dataset, info = source.read(), source.info
     reference = _reference_samples(class_tree)
     rows = _by_id(dataset.take_all())
 
@@ -162,7 +163,8 @@ def test_class_folder_subset_keeps_ids_and_reads_only_selected(ray_session, clas
     # skip=2 from start=2 passes over the corrupt image (an odd id): with on_bad_image="fail" the
     # run succeeds only if unselected files are never decoded.
     assert corrupt_id == 5
-    dataset, info = class_folder_dataset(str(class_tree), resize=20, crop=16, start=2, skip=2, num_images=4)
+    source = class_folder_source(str(class_tree), resize=20, crop=16, start=2, skip=2, num_images=4)
+    dataset, info = source.read(), source.info
     rows = _by_id(dataset.take_all())
 
     assert sorted(rows) == sorted(info.locations) == [2, 4, 6, 8]
@@ -178,7 +180,8 @@ def test_class_folder_file_url_and_keep_size(ray_session, tmp_path):
         (tmp_path / name).mkdir()
         for index in range(2):
             Image.fromarray(_random_pixels(rng, 7, 5, 3)).save(tmp_path / name / f"{index}.png")
-    dataset, info = class_folder_dataset(tmp_path.as_uri(), resize=None, crop=None, skip=3)
+    source = class_folder_source(tmp_path.as_uri(), resize=None, crop=None, skip=3)
+    dataset, info = source.read(), source.info
     rows = _by_id(dataset.take_all())
 
     assert info.image_shape is None and sorted(rows) == [0, 3]
@@ -192,10 +195,11 @@ def test_class_folder_through_a_non_local_fsspec_filesystem(ray_session, class_t
     """dir:// is an fsspec filesystem that is not the local one, like s3:// or gs://: listing, Ray's
     pyarrow wrapper, the filesystem shipped to workers and the path → id mapping all take that route."""
     reference = _reference_samples(class_tree)
-    dataset, info = class_folder_dataset(
+    source = class_folder_source(
         f"dir://{class_tree.name}", storage_options={"path": str(class_tree.parent), "target_protocol": "file"},
         resize=20, crop=16, skip=4,
     )
+    dataset, info = source.read(), source.info
     rows = _by_id(dataset.take_all())
 
     assert sorted(rows) == [0, 4, 8, 12]
@@ -208,7 +212,8 @@ def test_class_folder_through_a_non_local_fsspec_filesystem(ray_session, class_t
 
 def test_class_folder_corrupt_file_fails_naming_it(ray_session, class_tree):
     corrupt_id = [path for path, _ in _reference_samples(class_tree)].index(str(class_tree / CORRUPT))
-    dataset, _ = class_folder_dataset(str(class_tree), resize=20, crop=16, start=corrupt_id, num_images=1)
+    source = class_folder_source(str(class_tree), resize=20, crop=16, start=corrupt_id, num_images=1)
+    dataset = source.read()
     with pytest.raises(UserError, match=f"cannot decode image .*{CORRUPT}"):
         dataset.take_all()
 
@@ -217,7 +222,8 @@ def test_class_folder_labels_csv(ray_session, class_tree, tmp_path):
     listed = {"zebra/img3.png": 7, "ant/a_sub/a.png": 2, "mole/img2.JPEG": 0, "ant/img1.png": 5}
     csv_path = tmp_path / "labels.csv"
     csv_path.write_text("path,label\n" + "".join(f"{path},{label}\n" for path, label in listed.items()))
-    dataset, info = class_folder_dataset(str(class_tree), labels_csv=str(csv_path), resize=None, crop=16)
+    source = class_folder_source(str(class_tree), labels_csv=str(csv_path), resize=None, crop=16)
+    dataset, info = source.read(), source.info
     rows = _by_id(dataset.take_all())
 
     ordered = sorted(listed)
@@ -230,29 +236,29 @@ def test_class_folder_labels_csv(ray_session, class_tree, tmp_path):
 
 def test_class_folder_errors(class_tree, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        class_folder_dataset(str(tmp_path / "missing"))
+        class_folder_source(str(tmp_path / "missing"))
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(UserError, match="no image files"):
-        class_folder_dataset(str(tmp_path / "empty"))
+        class_folder_source(str(tmp_path / "empty"))
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(UserError, match="not a directory"):
-        class_folder_dataset(str(tmp_path / "file.png"))
+        class_folder_source(str(tmp_path / "file.png"))
     with pytest.raises(UserError, match="no images selected"):
-        class_folder_dataset(str(class_tree), start=13)
+        class_folder_source(str(class_tree), start=13)
     with pytest.raises(UserError, match="on_bad_image"):
-        class_folder_dataset(str(class_tree), on_bad_image="ignore")
+        class_folder_source(str(class_tree), on_bad_image="ignore")
     with pytest.raises(UserError, match="mode"):
-        class_folder_dataset(str(class_tree), mode="CMYK")
+        class_folder_source(str(class_tree), mode="CMYK")
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("file,class\nant/img1.png,1\n")
     with pytest.raises(UserError, match="needs columns path,label"):
-        class_folder_dataset(str(class_tree), labels_csv=str(bad_csv))
+        class_folder_source(str(class_tree), labels_csv=str(bad_csv))
     bad_csv.write_text("path,label\nant/nothere.png,1\n")
     with pytest.raises(UserError, match="not found under the image folder, e.g. ant/nothere.png"):
-        class_folder_dataset(str(class_tree), labels_csv=str(bad_csv))
+        class_folder_source(str(class_tree), labels_csv=str(bad_csv))
     bad_csv.write_text("path,label\nant/img1.png,one\n")
     with pytest.raises(UserError, match="line 2: label 'one' is not a non-negative integer"):
-        class_folder_dataset(str(class_tree), labels_csv=str(bad_csv))
+        class_folder_source(str(class_tree), labels_csv=str(bad_csv))
 
 
 # ---------------------------------------------------------------- Parquet
@@ -268,7 +274,8 @@ def test_parquet_row_positions_across_files_and_row_groups(ray_session, tmp_path
     for name, rows in (("b.parquet", range(6, 10)), ("a.parquet", range(0, 6))):
         table = pa.table({"image": [_png_bytes(pixels[i]) for i in rows], "label": [labels[i] for i in rows]})
         pq.write_table(table, folder / name, row_group_size=3)
-    dataset, info = parquet_image_dataset(folder.as_uri(), skip=3)
+    source = parquet_image_source(folder.as_uri(), skip=3)
+    dataset, info = source.read(), source.info
     rows = _by_id(dataset.take_all())
 
     assert sorted(rows) == sorted(info.locations) == [0, 3, 6, 9]
@@ -291,10 +298,11 @@ def test_parquet_id_column_struct_images_grayscale_and_bad_row(ray_session, tmp_
         "image_id": image_ids,
     })
     pq.write_table(table, tmp_path / "hf.parquet", row_group_size=2)
-    dataset, info = parquet_image_dataset(
+    source = parquet_image_source(
         str(tmp_path / "hf.parquet"), image_column="img", label_column="target", mode="L",
         crop=4, start=10, skip=10, num_images=3, on_bad_image="skip",
     )
+    dataset, info = source.read(), source.info
     rows = _by_id(dataset.take_all())
 
     assert sorted(info.locations) == [10, 20, 30] and info.image_shape == (1, 4, 4)
@@ -308,26 +316,26 @@ def test_parquet_id_column_struct_images_grayscale_and_bad_row(ray_session, tmp_
 def test_parquet_errors(tmp_path):
     pq.write_table(pa.table({"image": [b"x"], "label": [1]}), tmp_path / "one.parquet")
     with pytest.raises(UserError, match="no label column 'y'"):
-        parquet_image_dataset(str(tmp_path / "one.parquet"), label_column="y")
+        parquet_image_source(str(tmp_path / "one.parquet"), label_column="y")
     with pytest.raises(UserError, match="no id column 'idx'"):
-        parquet_image_dataset(str(tmp_path / "one.parquet"), id_column="idx")
+        parquet_image_source(str(tmp_path / "one.parquet"), id_column="idx")
     pq.write_table(pa.table({"image": [1], "label": [1]}), tmp_path / "ints.parquet")
     with pytest.raises(UserError, match="encoded image bytes"):
-        parquet_image_dataset(str(tmp_path / "ints.parquet"))
+        parquet_image_source(str(tmp_path / "ints.parquet"))
     pq.write_table(pa.table({"image": [b"x", b"y"], "label": [0, 1], "image_id": [3, 3]}), tmp_path / "dup.parquet")
     with pytest.raises(UserError, match="duplicate image ids"):
-        parquet_image_dataset(str(tmp_path / "dup.parquet"))
+        parquet_image_source(str(tmp_path / "dup.parquet"))
     pq.write_table(pa.table({"image": [b"x"], "label": [-1]}), tmp_path / "neg.parquet")
     with pytest.raises(UserError, match="negative"):
-        parquet_image_dataset(str(tmp_path / "neg.parquet"))
+        parquet_image_source(str(tmp_path / "neg.parquet"))
     (tmp_path / "two").mkdir()
     pq.write_table(pa.table({"image": [b"x"], "label": [0]}), tmp_path / "two" / "a.parquet")
     pq.write_table(pa.table({"image": [b"x"], "class": [0]}), tmp_path / "two" / "b.parquet")
     with pytest.raises(UserError, match=r"b.parquet lacks column\(s\) \['label'\]"):
-        parquet_image_dataset(str(tmp_path / "two"))
+        parquet_image_source(str(tmp_path / "two"))
     (tmp_path / "nofiles").mkdir()
     with pytest.raises(UserError, match="no .parquet files"):
-        parquet_image_dataset(str(tmp_path / "nofiles"))
+        parquet_image_source(str(tmp_path / "nofiles"))
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -351,8 +359,10 @@ def _write_cifar(folder: Path, rng: np.random.Generator) -> dict[str, tuple[np.n
 
 def test_cifar10_test_and_train_splits(ray_session, tmp_path):
     batches = _write_cifar(tmp_path / "cifar-10-batches-py", np.random.default_rng(4))
-    dataset, info = cifar10_dataset(str(tmp_path), skip=2)  # the folder holding cifar-10-batches-py
-    train, train_info = cifar10_dataset(str(tmp_path / "cifar-10-batches-py"), split="train", start=3, num_images=2)
+    source = cifar10_source(str(tmp_path), skip=2)  # the folder holding cifar-10-batches-py
+    dataset, info = source.read(), source.info
+    source = cifar10_source(str(tmp_path / "cifar-10-batches-py"), split="train", start=3, num_images=2)
+    train, train_info = source.read(), source.info
     rows, train_rows = _by_id(dataset.take_all()), _by_id(train.take_all())
 
     assert info.num_classes == 10 and info.class_names == tuple(f"class{i}" for i in range(10))
@@ -376,20 +386,20 @@ class _RunsCode:
 
 def test_cifar10_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        cifar10_dataset(str(tmp_path / "missing"))
+        cifar10_source(str(tmp_path / "missing"))
     (tmp_path / "cifar-10-batches-py").mkdir()
     with pytest.raises(UserError, match="expected test_batch"):
-        cifar10_dataset(str(tmp_path))
+        cifar10_source(str(tmp_path))
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as handle:
         pickle.dump({b"data": _RunsCode(), b"labels": [0]}, handle)
     with pytest.raises(UserError, match=r"refusing to load (posix|nt|os)\.system"):
-        cifar10_dataset(str(tmp_path))
+        cifar10_source(str(tmp_path))
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as handle:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, handle)
     with pytest.raises(UserError, match=r"uint8 \(N, 3072\)"):
-        cifar10_dataset(str(tmp_path))
+        cifar10_source(str(tmp_path))
     with pytest.raises(UserError, match="split"):
-        cifar10_dataset(str(tmp_path), split="val")
+        cifar10_source(str(tmp_path), split="val")
 
 
 def test_source_info_skipped_paths_in_id_order():

@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from pipeline.digits_data import IMAGE_SIZE, NUM_CLASSES, load_digits_split
+from pipeline.data.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 from pipeline.errors import UserError
 from pipeline.models.classifier import NormalizedClassifier
 from pipeline.models.denoiser import OneShotDenoiser, denoiser_from_parts, load_denoiser

@@ -1,0 +1,194 @@
+"""Command-line interface shared by jobs/certify.py and jobs/certify_imagenet.py."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS
+from pipeline.app.certify import CertifyRequest
+from pipeline.errors import UserError
+from pipeline.sampling.kernel import default_device
+from pipeline.sampling.strategies import SamplingConfig
+from pipeline.app.presets import PRESETS, get_preset, parse_sigmas
+from pipeline.distributed.run import ExecutionConfig
+from pipeline.app.workload import DataOptions, ModelOptions
+
+EPILOG = """\
+outputs (OUT):
+  counts/part-*.parquet  one row per (image_id, sigma): select_counts, estimate_counts (resumable shards)
+  results.parquet        image_id, label, prediction (-1 = abstain), radius, sigma (deciding scale), correct
+  report.md, certified_accuracy.png, run_config.json
+
+query:  duckdb -c "SELECT avg(correct::INT) FROM 'OUT/results.parquet' WHERE radius >= 0.5"
+"""
+
+
+def preset_defaults() -> str:
+    """The presets' values as a table for --help: what a run certifies when no flag overrides them."""
+    lines = ["preset defaults (each can be overridden by its flag):"]
+    for p in PRESETS.values():
+        images = "all" if p.num_images is None else str(p.num_images)
+        lines.append(f"  {p.name:<9} --sigmas {','.join(f'{s:g}' for s in p.sigmas)}  --n-select {p.n_select}  "
+                     f"--n {p.n}  --alpha {p.alpha:g}  --skip {p.skip}  --num-images {images}  "
+                     f"--batch-size {p.batch_size}  ({p.num_classes} classes)")
+    return "\n".join(lines)
+
+
+def build_parser(default_preset: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, epilog=preset_defaults() + "\n\n" + EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default=default_preset,
+                        help="named defaults: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+                        + f" (default: {default_preset})")
+    parser.add_argument("--out", default=None, help="output directory or fsspec URL (s3://, gs://); "
+                        "default: outputs/<preset>")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run in --out, skipping every (image, sigma) already on disk")
+    stats = parser.add_argument_group("certification")
+    stats.add_argument("--sigmas", help="comma-separated noise scales, e.g. 1.0,0.5,0.25 (preset default)")
+    stats.add_argument("--n-select", type=int, help="selection samples per image and scale (N0)")
+    stats.add_argument("--n", type=int, help="estimation samples per image and scale (N)")
+    stats.add_argument("--alpha", type=float, help="failure probability of the certificate")
+    stats.add_argument("--alpha-mode", choices=ALPHA_MODES, default="union",
+                       help="union: alpha split so all certificates hold jointly (default); "
+                            "reference: alpha/k at stage k as the published code")
+    stats.add_argument("--p0", type=float, default=0.5, help="probability threshold (default 0.5)")
+    stats.add_argument("--routing", choices=ROUTINGS, default="cascade",
+                       help="which scales an image visits and which one speaks: cascade (as published: "
+                            "an undecided scale abstains)")
+    stats.add_argument("--all-scales", action="store_true",
+                       help="sample every scale for every image (single-scale baselines in the report) "
+                            "instead of early exit")
+    stats.add_argument("--adaptive", action="store_true",
+                       help="sample each (image, scale) in rounds up to --n and stop once its decision is "
+                            "settled; confidence sequences keep the certificate valid at --alpha")
+    stats.add_argument("--radius-tolerance", type=float, default=0.05,
+                       help="--adaptive: stop once the radius is within this of what --n samples would give")
+    stats.add_argument("--seed", type=int, default=0, help="noise seed; counts depend only on it, not on batching")
+    data = parser.add_argument_group("data and models")
+    data.add_argument("--data", help="dataset location (cifar10: cifar-10-batches-py dir; imagenet: class-folder "
+                      "tree or Parquet of image bytes; local path or fsspec URL)")
+    data.add_argument("--num-images", type=int, help="certify at most this many images (after --skip)")
+    data.add_argument("--skip", type=int, help="certify every k-th image (preset default)")
+    data.add_argument("--start", type=int, default=0, help="first image index")
+    data.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
+                      help="unreadable image files: fail, or skip with a warning and list them in the report")
+    data.add_argument("--denoiser", help="diffusers UNet2DModel + DDPMScheduler directory, local or fsspec URL "
+                      "(guided-diffusion .pt checkpoints: convert with jobs/convert_guided_diffusion.py; digits: "
+                      "default the cached embedded model, or e.g. a fine-tuned one from jobs/finetune_diffusion.py)")
+    data.add_argument("--classifier", help="timm model name (with --classifier-weights; input size and "
+                      "normalization from timm's data config) or a TorchScript .pt/.ts/.jit file that takes "
+                      "[0,1] images and returns one logit per class")
+    data.add_argument("--classifier-weights", help="timm classifier weights (.safetensors or torch state dict), "
+                      "local or fsspec URL")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--batch-size", type=int, help="samples per fused forward pass (preset default)")
+    run.add_argument("--images-per-batch", type=int, default=16,
+                     help="images per actor batch (default 16). The actor runs the batch's whole cascade, so "
+                          "later scales see only the images routed there; 16 images keep every stage's "
+                          "forwards full at the presets' n while a preempted batch loses little")
+    run.add_argument("--num-actors", type=int, default=None,
+                     help="parallel model copies (default: one per GPU; without GPUs one per CPU core, "
+                          "each on one thread, minus one core for Ray Data's read tasks unless the data is "
+                          "the in-memory digits set)")
+    run.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                     help="auto: one GPU per actor if this machine or the cluster has GPUs now (default); "
+                          "cuda: always ask one GPU per actor, which makes an autoscaling cluster whose GPU "
+                          "workers start at 0 launch them (give --num-actors too); cpu: no GPUs")
+    return parser
+
+
+def request_from_args(args: argparse.Namespace) -> CertifyRequest:
+    preset = get_preset(args.preset)
+    sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
+    use_gpu = _use_gpu(args.device)
+    num_actors = _num_actors(args.num_actors, use_gpu, reads_files=preset.name != "digits")
+    if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
+        raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
+    if args.images_per_batch < 1:
+        raise UserError(f"--images-per-batch must be >= 1, got {args.images_per_batch}")
+    strategy = "adaptive" if args.adaptive else "all_scales" if args.all_scales else "early_exit"
+    return CertifyRequest(
+        preset=preset,
+        sampling=SamplingConfig(
+            sigmas=sigmas,
+            n_select=args.n_select if args.n_select is not None else preset.n_select,
+            n=args.n if args.n is not None else preset.n,
+            seed=args.seed,
+            alpha=args.alpha if args.alpha is not None else preset.alpha,
+            alpha_mode=args.alpha_mode,
+            p0=args.p0,
+            strategy=strategy,
+            routing=args.routing,
+            radius_tolerance=args.radius_tolerance,
+        ),
+        execution=ExecutionConfig(
+            num_actors=num_actors,
+            images_per_batch=args.images_per_batch,
+            samples_per_forward=args.batch_size if args.batch_size is not None else preset.batch_size,
+            use_gpu=use_gpu,
+        ),
+        data=DataOptions(
+            data=args.data,
+            num_images=args.num_images if args.num_images is not None else preset.num_images,
+            skip=args.skip if args.skip is not None else preset.skip,
+            start=args.start,
+            on_bad_image=args.on_bad_image,
+        ),
+        models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights),
+        out=args.out or f"outputs/{preset.name}",
+        overwrite=args.overwrite,
+        resume=args.resume,
+    )
+
+
+def _num_actors(requested: int | None, use_gpu: bool, reads_files: bool) -> int:
+    """`--num-actors`, checked, or its default: one actor per GPU; without GPUs one single-threaded actor
+    per core, which beats one copy using every core (1.5× on 2 cores). When Ray Data tasks read files
+    (every preset but the in-memory digits), one core stays free: actors on every core starve the reads
+    for good."""
+    if requested is not None and requested < 1:
+        raise UserError(f"--num-actors must be >= 1, got {requested}")
+    if use_gpu:
+        return requested or max(1, _cluster_resource("GPU"))
+    cores = max(1, _cluster_resource("CPU"))
+    if not reads_files:
+        return requested or cores
+    if requested is not None and cores > 1 and requested > cores - 1:
+        raise UserError(f"--num-actors {requested} on CPU would take all {cores} cores and starve Ray Data's "
+                        f"read tasks; use at most {cores - 1}")
+    return requested or max(1, cores - 1)
+
+
+def _cluster_resource(name: str) -> int:
+    """GPUs or CPU cores of the cluster this job joins (RAY_ADDRESS), else of this machine."""
+    import os
+
+    if not os.environ.get("RAY_ADDRESS"):
+        if name == "GPU":
+            import torch
+
+            return torch.cuda.device_count()
+        return len(os.sched_getaffinity(0))
+    import ray
+
+    from pipeline.distributed.ray_init import init_ray
+
+    init_ray()
+    return int(ray.cluster_resources().get(name, 0))
+
+
+def _use_gpu(device: str) -> bool:
+    """Whether each actor asks Ray for one GPU. `auto` sees only the GPUs present now, not the ones an
+    autoscaler would add on demand, hence `cuda`."""
+    import os
+
+    if device == "cpu":
+        return False
+    if device == "cuda":
+        if not os.environ.get("RAY_ADDRESS") and default_device().type != "cuda":
+            raise UserError("--device cuda: this machine has no GPU and no cluster is named by RAY_ADDRESS "
+                            "(submit with `ray job submit`, or use --device auto)")
+        return True
+    return default_device().type == "cuda" or _cluster_resource("GPU") > 0

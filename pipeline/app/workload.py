@@ -1,0 +1,131 @@
+"""What to certify: a preset's images (readable as a Ray Dataset, any subset) plus the models, described for the actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.distributed.ray_init import init_ray
+from pipeline.errors import UserError
+from pipeline.models.spec import ModelSpec
+from pipeline.app.presets import Preset
+from pipeline.distributed.run import DatasetFor
+
+
+@dataclass(frozen=True)
+class Workload:
+    dataset_for: DatasetFor  # (ids still to do, blocks) → ray.data.Dataset of {image_id, label, image}
+    image_ids: np.ndarray
+    model_spec: ModelSpec
+    notes: tuple[str, ...]  # lines for the report header (models used, clean accuracy, ...)
+    locations: dict[int, str] | None = None  # image_id → origin, to report skipped unreadable images
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    denoiser: str | None = None
+    classifier: str | None = None
+    classifier_weights: str | None = None
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    data: str | None = None
+    num_images: int | None = None
+    skip: int = 1
+    start: int = 0
+    on_bad_image: str = "fail"
+
+
+def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+    if data.skip < 1:
+        raise UserError(f"--skip must be >= 1, got {data.skip}")
+    if data.num_images is not None and data.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {data.num_images}")
+    if preset.name == "digits":
+        return _digits(preset, data, models)
+    init_ray()
+    return _external(preset, data, models)
+
+
+def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+    import ray.data
+
+    from pipeline.data.digits import load_digits_split
+    from pipeline.models.digits import clean_accuracy, digits_classifier_dir, digits_denoiser_dir
+
+    split = load_digits_split()
+    ids = np.arange(len(split.test_images))[data.start::data.skip][: data.num_images]
+    denoiser_dir = models.denoiser or str(digits_denoiser_dir())
+    spec = ModelSpec(denoiser_dir, "digits", str(digits_classifier_dir()), preset.num_classes, in_chans=1)
+    _, classifier = spec.load()  # fails fast, in the driver, on a bad --denoiser or cache
+    # Ray starts only now: first-use training above gets both cores instead of sharing them with
+    # Ray's freshly started daemons and prestarted workers.
+    init_ray()
+
+    def dataset_for(todo: np.ndarray, num_blocks: int) -> ray.data.Dataset:
+        return ray.data.from_items([
+            {"image_id": int(i), "label": int(split.test_labels[i]), "image": split.test_images[i]} for i in todo
+        ], override_num_blocks=num_blocks)
+
+    notes = (
+        f"denoiser: {denoiser_dir}",
+        f"base classifier clean test accuracy: {100 * clean_accuracy(classifier):.1f}% "
+        f"({len(split.test_images)} digits test images)",
+    )
+    return Workload(dataset_for, ids, spec, notes)
+
+
+def _model_spec(preset: Preset, models: ModelOptions, in_chans: int) -> ModelSpec:
+    if not models.denoiser:
+        raise UserError(f"preset {preset.name} needs --denoiser DIR (a diffusers UNet2DModel + DDPMScheduler "
+                        "directory; convert guided-diffusion .pt files with jobs/convert_guided_diffusion.py)")
+    if not models.classifier:
+        raise UserError(f"preset {preset.name} needs --classifier (a timm model name with --classifier-weights, "
+                        "or a TorchScript .pt file)")
+    if Path(models.classifier).suffix in {".pt", ".ts", ".jit"} and models.classifier_weights is None:
+        return ModelSpec(models.denoiser, "torchscript", models.classifier, preset.num_classes, in_chans)
+    return ModelSpec(models.denoiser, "timm", models.classifier, preset.num_classes, in_chans,
+                     models.classifier_weights)
+
+
+def _is_parquet(location: str) -> bool:
+    """A .parquet file, or a directory whose top level holds .parquet files (not class folders)."""
+    import fsspec
+
+    if location.rstrip("/").endswith(".parquet"):
+        return True
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.isdir(path) and any(name.endswith(".parquet") for name in fs.ls(path, detail=False))
+
+
+def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+    from pipeline import data as sources
+
+    if not data.data:
+        expected = {
+            "cifar10": "the cifar-10-batches-py directory (python version of CIFAR-10)",
+            "imagenet": "an ImageNet-style class-folder tree (val/<wnid>/*.JPEG) or a Parquet of image bytes",
+        }[preset.name]
+        raise UserError(f"preset {preset.name} needs --data: {expected}")
+    selection = dict(skip=data.skip, num_images=data.num_images, start=data.start)
+    if preset.name == "cifar10":
+        source = sources.cifar10_source(data.data, **selection)
+    elif _is_parquet(data.data):
+        source = sources.parquet_image_source(data.data, resize=256, crop=224,
+                                                      on_bad_image=data.on_bad_image, **selection)
+    else:
+        source = sources.class_folder_source(data.data, resize=256, crop=224,
+                                                     on_bad_image=data.on_bad_image, **selection)
+    info = source.info
+    if info.num_classes > preset.num_classes:
+        raise UserError(f"{data.data} has {info.num_classes} classes but preset {preset.name} expects "
+                        f"{preset.num_classes}")
+    spec = _model_spec(preset, models, in_chans=3)
+    spec.check(info.image_shape)  # fails fast, in the driver, on a bad model path or output width
+    ids = np.array(sorted(info.locations), dtype=np.int64)
+    notes = (f"data: {data.data} ({len(ids)} images)", f"denoiser: {models.denoiser}",
+             f"classifier: {models.classifier}")
+    return Workload(source.read, ids, spec, notes, dict(info.locations))

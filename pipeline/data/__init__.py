@@ -1,0 +1,19 @@
+"""Dataset sources as Ray Data readers.
+
+Every source returns `(ray.data.Dataset, SourceInfo)`. Rows are
+`{"image_id": int64, "label": int64, "image": float32 (C, H, W) in [0, 1]}`, already in the certified input
+space (the space sigma and the radii refer to). image_id is the image's index in the full source in its
+deterministic order (or an explicit id column), fixed before any subsetting, so it is stable across runs
+and subsets; rows arrive in no particular order. Subsets (`start`, `skip`, `num_images`) are chosen on ids
+before reading, so only selected images are read. Paths may be local or fsspec URLs (file://, s3://, gs://;
+`storage_options` go to the fsspec filesystem). A UserError raised while Ray runs the dataset (an unreadable
+image with on_bad_image="fail") reaches the driver as `RayTaskError(UserError)`, an instance of UserError
+whose `.cause` is the original; the first line of `str(err.cause)` is the one-line message.
+"""
+
+from pipeline.data.cifar10 import cifar10_source
+from pipeline.data.class_folder import class_folder_source
+from pipeline.data.info import Source, SourceInfo
+from pipeline.data.parquet import parquet_image_source
+
+__all__ = ["Source", "SourceInfo", "cifar10_source", "class_folder_source", "parquet_image_source"]

@@ -1,0 +1,110 @@
+"""One Ray Data execution per run: the images still to do, through a pool of `CascadeActor`s.
+
+The driver reads the shards already on disk, asks the strategy which images still need any cell
+(an interrupted run's images continue from the first stage they still need; finished ones are
+skipped), builds the dataset from those images only (no per-block filter task; blocks sized to the
+actor pool) and runs it once. The counts are then bit-identical to an uninterrupted run's, whatever
+the batching, the number of actors or where the run was cut (noise is counter-seeded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.distributed.actor import FAIL_ONCE_ENV, CascadeActor, PriorCells
+from pipeline.models.spec import ModelSpec
+from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy
+from pipeline.store.counts import counts_to_arrays
+from pipeline.store.shards import read_shards
+
+logger = logging.getLogger(__name__)
+
+DatasetFor = Callable[[np.ndarray, int], object]
+"""(image ids to read, number of blocks) → ray.data.Dataset of {image_id, label, image}."""
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the work is spread; changing these never changes a count."""
+
+    num_actors: int
+    images_per_batch: int
+    samples_per_forward: int
+    use_gpu: bool
+
+
+def _on_disk(counts_dir: str, image_ids: np.ndarray, config: SamplingConfig) -> tuple[BatchCounts, pa.Table]:
+    """The cells of `image_ids` already in `counts_dir`, as dense per-image arrays (zeros elsewhere)."""
+    table = rows_of(counts_dir, image_ids)
+    if table.num_rows == 0:
+        return None, table
+    arrays = counts_to_arrays(table, config.sigmas)
+    rows = np.searchsorted(image_ids, arrays.image_ids)
+    num_classes = arrays.select_counts.shape[2]
+    counts = BatchCounts.empty(len(image_ids), len(config.sigmas), num_classes)
+    counts.select[rows], counts.estimate[rows], counts.present[rows] = (
+        arrays.select_counts, arrays.estimate_counts, arrays.present)
+    return counts, table
+
+
+def sample_counts(
+    dataset_for: DatasetFor,
+    image_ids: np.ndarray,
+    model_spec: ModelSpec,
+    config: SamplingConfig,
+    execution: ExecutionConfig,
+    counts_dir: str,
+    shard_metadata: dict[bytes, bytes],
+) -> pa.Table:
+    """Sample every cell the strategy needs that is not on disk yet; returns every counts row of `image_ids`."""
+    import ray.data
+
+    image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
+    counts, _ = _on_disk(counts_dir, image_ids, config)
+    if counts is None:
+        todo, prior = image_ids, {}
+    else:
+        pending = make_strategy(config).pending(counts)
+        todo = image_ids[pending]
+        started = pending & counts.present.any(axis=1)
+        prior: PriorCells = {int(image_ids[r]): (counts.present[r], counts.select[r], counts.estimate[r])
+                             for r in np.flatnonzero(started)}
+    print(f"[mdds] {config.strategy}: sampling {len(todo)} image(s) "
+          f"({len(image_ids) - len(todo)} already done)", flush=True)
+    if len(todo):
+        batches = -(-len(todo) // execution.images_per_batch)
+        dataset = dataset_for(todo, max(1, min(batches, 4 * execution.num_actors)))
+        counted = dataset.map_batches(
+            CascadeActor,
+            fn_constructor_kwargs=dict(model_spec=model_spec, config=config,
+                                       samples_per_forward=execution.samples_per_forward,
+                                       counts_dir=counts_dir, shard_metadata=shard_metadata, prior=prior),
+            batch_size=execution.images_per_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=execution.num_actors),
+            num_gpus=1 if execution.use_gpu else 0,
+            num_cpus=0 if execution.use_gpu else 1,
+            **_forward_env(FAIL_ONCE_ENV),
+        )
+        written = sum(int(row["rows"]) for row in counted.iter_rows())
+        logger.info("wrote %d counts rows", written)
+    return rows_of(counts_dir, image_ids)
+
+
+def _forward_env(name: str) -> dict:
+    """Ray options handing the driver's value of `name` to the actors: workers inherit the environment
+    only of the process that started Ray, not of a driver joining a running instance or a cluster."""
+    value = os.environ.get(name)
+    return {"runtime_env": {"env_vars": {name: value}}} if value else {}
+
+
+def rows_of(counts_dir: str, image_ids: np.ndarray) -> pa.Table:
+    """The counts rows on disk that belong to `image_ids` (a resumed OUT may hold others)."""
+    table = read_shards(counts_dir)
+    return table.filter(pa.compute.is_in(table["image_id"], value_set=pa.array(image_ids)))

@@ -1,0 +1,297 @@
+"""Benchmark sections for jobs/benchmark.py: every figure is measured in this process, on this machine.
+
+Each section times two ways of doing the same work (same models, same images, same number of
+samples) back to back and reports their ratio, so machine speed and background load largely cancel
+(the load average is recorded next to them because this machine is shared). Every section also
+checks that both ways agree (identical counts where the noise is shared), so a fast wrong path
+cannot look like a speed-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive, run_fixed
+from pipeline.stats.sequential_cascade import AdaptiveSettings
+from pipeline.stats.cascade import certify_cascade, undecided_mask
+from pipeline.perf.flops import flops_per_sample, peak_bf16_flops, utilization
+from pipeline.sampling.kernel import FusedDenoiseClassify
+from pipeline.models.spec import ModelSpec
+from pipeline.sampling.noise import Phase
+from pipeline.store.results import results_table
+from pipeline.perf.reference_loop import reference_counts
+from pipeline.app.report import REPORT_RADII, average_certified_radius, certified_accuracy
+from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource
+
+T = TypeVar("T")
+
+
+def timed(function: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """Run `function` and return (result, wall seconds), synchronizing CUDA so queued work counts."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    started = time.perf_counter()
+    result = function()
+    synchronize()
+    return result, time.perf_counter() - started
+
+
+def machine_info(device: torch.device) -> dict:
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "load_average_1_5_15_min": list(os.getloadavg()),
+    }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The images every section uses: the first `num_images` of the digits test split."""
+
+    images: np.ndarray
+    image_ids: np.ndarray
+    labels: np.ndarray
+    sigmas: tuple[float, ...]
+    n_select: int
+    n: int
+    alpha: float
+    seed: int
+
+    def subset(self, count: int) -> Workload:
+        return Workload(self.images[:count], self.image_ids[:count], self.labels[:count], self.sigmas,
+                        self.n_select, self.n, self.alpha, self.seed)
+
+    @property
+    def samples(self) -> dict[Phase, int]:
+        return {Phase.SELECT: self.n_select, Phase.ESTIMATE: self.n}
+
+    @property
+    def all_scales_samples(self) -> int:
+        return len(self.images) * len(self.sigmas) * (self.n_select + self.n)
+
+
+def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_batch: int, repeats: int,
+                       tuned: FusedDenoiseClassify | None = None) -> dict:
+    """All scales of every image by the reference loop, the fused step and (optionally) a tuned copy
+    of it (pipeline/perf/tuning.py: torch.compile). Each repeat times every variant back
+    to back, and the speed-up is the median of the per-repeat time ratios, so that a change of
+    background load between repeats cancels."""
+    # Own fp32, contiguous-layout (NCHW) copies, as the reference code runs: the fused step switched its
+    # models to channels_last.
+    denoiser = copy.deepcopy(fused.denoiser).to(memory_format=torch.contiguous_format)
+    classifier = copy.deepcopy(fused.classifier).to(memory_format=torch.contiguous_format)
+
+    def reference(images: np.ndarray, sigmas, samples: dict[Phase, int]) -> dict[Phase, np.ndarray]:
+        return reference_counts(denoiser, classifier, images, sigmas, samples.get(Phase.SELECT, 1),
+                                samples[Phase.ESTIMATE], reference_batch, fused.num_classes, fused.device, work.seed)
+
+    variants = {"reference": reference}
+    for name, step in (("fused", fused), ("tuned", tuned)):
+        if step is not None:
+            variants[name] = lambda images, sigmas, samples, step=step: step.count(
+                images, work.image_ids[: len(images)], sigmas, samples, work.seed)
+    # Warm-up on one image: allocator growth, kernel selection and (tuned) compilation.
+    warm_up_s = {name: timed(lambda run=run: run(work.images[:1], work.sigmas[:1], {Phase.ESTIMATE: 64}),
+                             fused.device)[1] for name, run in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    counts = {}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            counts[name], seconds = timed(lambda run=run: run(work.images, work.sigmas, work.samples), fused.device)
+            times[name].append(seconds)
+    samples = work.all_scales_samples
+    result = {
+        "images": len(work.images), "sigmas": list(work.sigmas), "n_select": work.n_select, "n": work.n,
+        "samples": samples, "fused_batch_size": fused.batch_size, "reference_batch_size": reference_batch,
+        "times_s": times, "warm_up_s": warm_up_s,
+        "_fused_counts": counts["fused"],
+    }
+    for name in variants:
+        seconds = float(np.median(times[name]))
+        result[f"{name}_s"] = seconds
+        result[f"{name}_samples_per_s"] = samples / seconds
+        if name != "reference":
+            result[f"{name}_speedup"] = float(np.median(np.divide(times["reference"], times[name])))
+            result[f"{name}_top_class_agreement"] = float(np.mean(
+                counts["reference"][Phase.ESTIMATE].argmax(-1) == counts[name][Phase.ESTIMATE].argmax(-1)))
+    if tuned is not None:  # compiled kernels may round differently: count the votes that moved
+        result["tuned_votes_differing_from_fused"] = sum(
+            int(np.abs(counts["tuned"][p] - counts["fused"][p]).sum()) for p in counts["fused"]) // 2
+    return result
+
+
+def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: dict[Phase, np.ndarray],
+               all_scales_s: float) -> dict:
+    """Stage by stage, sampling only the images every earlier stage let fall through (method.md §4)."""
+    num_scales = len(work.sigmas)
+    shape = all_scales_counts[Phase.SELECT].shape
+    select, estimate = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+
+    def staged() -> list[int]:
+        pending = np.arange(len(work.images))
+        sampled = []
+        for k, sigma in enumerate(work.sigmas):
+            if k:
+                pending = pending[undecided_mask(select[pending, :k], estimate[pending, :k], num_scales,
+                                                 work.alpha, "union")]
+            sampled.append(len(pending))
+            if len(pending) == 0:
+                break
+            counts = fused.count(work.images[pending], work.image_ids[pending], [sigma], work.samples, work.seed)
+            select[pending, k], estimate[pending, k] = counts[Phase.SELECT][:, 0], counts[Phase.ESTIMATE][:, 0]
+        return sampled
+
+    sampled, seconds = timed(staged, fused.device)
+    early = certify_cascade(select, estimate, work.sigmas, work.alpha, "union")
+    full = certify_cascade(all_scales_counts[Phase.SELECT], all_scales_counts[Phase.ESTIMATE], work.sigmas,
+                           work.alpha, "union")
+    passes = sum(sampled) * (work.n_select + work.n)
+    return {
+        "images_sampled_per_stage": sampled,
+        "forward_passes_early_exit": passes,
+        "forward_passes_all_scales": work.all_scales_samples,
+        "forward_passes_saved": 1.0 - passes / work.all_scales_samples,
+        "early_exit_s": seconds,
+        "all_scales_s": all_scales_s,
+        "wall_time_saved": 1.0 - seconds / all_scales_s,
+        "same_certificates": bool(np.array_equal(early.prediction, full.prediction)
+                                  and np.array_equal(early.radius, full.radius)),
+    }
+
+
+def ray_pipeline(spec: ModelSpec, work: Workload, batch_size: int, use_gpu: bool, raw_counts: dict[Phase, np.ndarray],
+                 raw_s: float, workdir: Path, actor_counts: Sequence[int] = (1, 2)) -> dict:
+    """pipeline.distributed.run.sample_counts (all scales, one Ray Data pass) vs the raw fused step's time.
+
+    Ray's own start-up (ray.init) is timed and excluded; everything after it (dataset execution,
+    actor start-up and model loading, shard writes and reads) is included. A run with one sample
+    per phase estimates that fixed per-execution cost, which is reported separately too.
+    """
+    import ray.data
+
+    from pipeline.distributed.ray_init import init_ray
+    from pipeline.store.counts import counts_to_arrays
+    from pipeline.distributed.run import ExecutionConfig, sample_counts
+    from pipeline.sampling.strategies import SamplingConfig
+
+    _, startup_s = timed(init_ray, torch.device("cpu"))
+
+    def run(actors: int, n_select: int, n: int, name: str) -> tuple[object, float]:
+        rows = {int(i): (int(y), x) for i, y, x in zip(work.image_ids, work.labels, work.images)}
+
+        def dataset_for(todo: np.ndarray, num_blocks: int):
+            return ray.data.from_items([{"image_id": int(i), "label": rows[int(i)][0], "image": rows[int(i)][1]}
+                                        for i in todo], override_num_blocks=num_blocks)
+
+        sampling = SamplingConfig(tuple(work.sigmas), n_select, n, work.seed, work.alpha, "union", 0.5, "all_scales")
+        execution = ExecutionConfig(actors, max(1, len(work.images) // 4), batch_size, use_gpu)
+        return timed(lambda: sample_counts(dataset_for, work.image_ids, spec, sampling, execution,
+                                           str(workdir / name), {}), torch.device("cpu"))
+
+    _, overhead_s = run(1, 1, 1, "overhead")
+    runs = {}
+    for actors in actor_counts:
+        table, seconds = run(actors, work.n_select, work.n, f"actors-{actors}")
+        arrays = counts_to_arrays(table)
+        runs[actors] = {
+            "seconds": seconds,
+            "samples_per_s": work.all_scales_samples / seconds,
+            "efficiency": raw_s / seconds,
+            "efficiency_without_execution_overhead": raw_s / max(seconds - overhead_s, 1e-9),
+            "counts_equal_raw": bool(np.array_equal(arrays.select_counts, raw_counts[Phase.SELECT])
+                                     and np.array_equal(arrays.estimate_counts, raw_counts[Phase.ESTIMATE])),
+        }
+    # Like for like: as many single-threaded actors as the raw step had torch threads (same cores).
+    matched = torch.get_num_threads() if torch.get_num_threads() in runs else None
+    return {
+        "ray_startup_s_excluded": startup_s,
+        "per_execution_overhead_s": overhead_s,
+        "raw_fused_s": raw_s,
+        "raw_fused_torch_threads": torch.get_num_threads(),
+        "actor_torch_threads": "1 per actor on CPU (Ray sets OMP_NUM_THREADS to the actor's num_cpus=1)",
+        "samples": work.all_scales_samples,
+        "by_actors": {str(a): r for a, r in runs.items()},
+        "matched_actors": matched,
+        "efficiency": runs[matched]["efficiency"] if matched else None,
+        "scaling_1_to_2_actors": (runs[1]["seconds"] / runs[2]["seconds"]) if {1, 2} <= set(runs) else None,
+    }
+
+
+def flops_section(fused: FusedDenoiseClassify, sample_shape: tuple[int, ...], sigma: float,
+                  samples_per_s: float, peak_tflops: float | None) -> dict:
+    name = torch.cuda.get_device_name(fused.device) if fused.device.type == "cuda" else "cpu"
+    peak = peak_bf16_flops(name, peak_tflops) if fused.device.type == "cuda" else None
+    return {"device": name, "samples_per_s": samples_per_s,
+            **utilization(flops_per_sample(fused, sample_shape, sigma), samples_per_s, peak)}
+
+
+def _accuracy(outcome: SamplingOutcome, work: Workload) -> dict:
+    table = results_table(work.image_ids, work.labels, outcome.result, np.asarray(work.sigmas))
+    return {
+        "certified_accuracy": {f"{r:g}": certified_accuracy(table, r) for r in REPORT_RADII},
+        "acr": average_certified_radius(table),
+        "forward_passes": outcome.forward_passes,
+        "deciding_stage_counts": {str(s): int(np.sum(outcome.result.stage == s))
+                                  for s in range(-1, len(work.sigmas))},
+    }
+
+
+def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolerance: float,
+                      tolerance_sweep: Sequence[float] = ()) -> dict:
+    """Fixed n (= work.n, early exit, Clopper-Pearson) vs adaptive sampling up to n_max = work.n.
+
+    Both draw from one chunk cache over the same counter-seeded noise: the fixed run is timed live;
+    the adaptive run then pays only for chunks the fixed run never drew, so its forward passes are
+    exact (counted by the sampler) and its wall time is estimated from the fixed run's time per sample.
+    `tolerance_sweep` reruns the adaptive rule at other radius tolerances on the same cache (cheap)
+    to show the trade-off between forward passes and radius.
+    """
+    source = CachedVoteSource(FusedVoteSource(fused, work.images, work.image_ids, work.sigmas,
+                                              work.samples, work.seed))
+    count = len(work.images)
+    fixed, fixed_s = timed(lambda: run_fixed(source, count, work.sigmas, work.n_select, work.n, work.alpha),
+                           fused.device)
+    cached_before = len(source.cache)
+    settings = AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
+                                radius_tolerance=radius_tolerance)
+    adaptive, adaptive_s = timed(lambda: run_adaptive(source, count, settings), fused.device)
+    per_sample_s = fixed_s / fixed.forward_passes
+    sweep = {}
+    for tolerance in tolerance_sweep:
+        other = run_adaptive(source, count, AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
+                                                             radius_tolerance=tolerance))
+        sweep[f"{tolerance:g}"] = {**_accuracy(other, work),
+                                   "forward_passes_saved": 1.0 - other.forward_passes / fixed.forward_passes}
+    return {
+        "images": count,
+        "n_max": work.n,
+        "n_select": work.n_select,
+        "alpha": work.alpha,
+        "radius_tolerance": radius_tolerance,
+        "fixed": {**_accuracy(fixed, work), "wall_s": fixed_s},
+        "adaptive": {**_accuracy(adaptive, work), "rounds": adaptive.rounds,
+                     "wall_s_estimated": adaptive.forward_passes * per_sample_s,
+                     "wall_s_this_run_with_cache": adaptive_s,
+                     "chunks_only_adaptive_drew": len(source.cache) - cached_before},
+        "forward_passes_saved": 1.0 - adaptive.forward_passes / fixed.forward_passes,
+        "tolerance_sweep": sweep,
+        "per_image": {"image_id": work.image_ids.tolist(), "label": work.labels.tolist(),
+                      "fixed_prediction": fixed.result.prediction.tolist(),
+                      "fixed_radius": fixed.result.radius.round(4).tolist(),
+                      "adaptive_prediction": adaptive.result.prediction.tolist(),
+                      "adaptive_radius": adaptive.result.radius.round(4).tolist(),
+                      "adaptive_estimation_samples": adaptive.estimate_counts.sum(axis=2).tolist()},
+    }

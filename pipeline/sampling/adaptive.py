@@ -1,0 +1,124 @@
+"""Adaptive sampling (the strategy): rounds of votes until each (image, scale) is settled.
+
+The stopping and certification rules are statistics and live in pipeline/stats/sequential_cascade.py;
+this module only asks a vote source for the next rounds. `run_fixed` is the fixed-n early-exit
+baseline over the same source, for the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.sampling.kernel import VoteRequests
+from pipeline.sampling.noise import NOISE_CHUNK, Phase
+from pipeline.sampling.votes import VoteSource
+from pipeline.stats.cascade import CascadeResult, certify_cascade, undecided_mask
+from pipeline.stats.sequential_cascade import (
+    CONTINUE, FALL_THROUGH, STOP, AdaptiveSettings, certify_cascade_sequential, round_status,
+)
+
+
+@dataclass(frozen=True)
+class SamplingOutcome:
+    """Votes at the stopping time and the cascade's certificates; unconsulted stages are zeros."""
+
+    result: CascadeResult
+    select_counts: np.ndarray  # int64 (M, K, C)
+    estimate_counts: np.ndarray  # int64 (M, K, C)
+    rounds: int
+
+    @property
+    def consulted(self) -> np.ndarray:
+        """(M, K) bool: the stages that drew samples for each image."""
+        return self.select_counts.sum(axis=2) > 0
+
+    @property
+    def forward_passes(self) -> int:
+        """Denoiser + classifier calls spent (one per Monte-Carlo sample)."""
+        return int(self.select_counts.sum() + self.estimate_counts.sum())
+
+
+def round_ends(n_max: int, first_round: int = 128, growth: float = 1.5) -> np.ndarray:
+    """Cumulative estimation sample sizes after each round: whole noise chunks, growing by `growth`,
+    ending exactly at n_max."""
+    ends = []
+    size = max(NOISE_CHUNK, -(-first_round // NOISE_CHUNK) * NOISE_CHUNK)
+    while size < n_max:
+        ends.append(size)
+        size = max(size + NOISE_CHUNK, -(-int(size * growth) // NOISE_CHUNK) * NOISE_CHUNK)
+    return np.array([*ends, n_max], dtype=np.int64)
+
+
+def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings) -> SamplingOutcome:
+    """Sample every image through the cascade in rounds; every round is one `source.votes` call
+    covering all images still sampling, whatever scale each has reached."""
+    num_scales, num_classes = len(settings.sigmas), source.num_classes
+    ends = round_ends(settings.n_max, settings.first_round, settings.growth)
+    select = np.zeros((num_images, num_scales, num_classes), dtype=np.int64)
+    estimate = np.zeros_like(select)
+    stage = np.zeros(num_images, dtype=np.int64)  # the stage each image is deciding
+    target = np.zeros(num_images, dtype=np.int64)  # the stage it samples next (stage, or an earlier one)
+    step = np.zeros((num_images, num_scales), dtype=np.int64)  # rounds drawn per (image, stage)
+    active = np.ones(num_images, dtype=bool)
+    rounds = 0
+    while active.any():
+        rows = np.flatnonzero(active)
+        drawn = step[rows, target[rows]]
+        fresh = rows[drawn == 0]
+        requests = VoteRequests.concat([
+            VoteRequests(rows, target[rows], np.full(len(rows), int(Phase.ESTIMATE)),
+                         np.where(drawn == 0, 0, ends[np.maximum(drawn - 1, 0)]), ends[drawn]),
+            VoteRequests(fresh, target[fresh], np.full(len(fresh), int(Phase.SELECT)),
+                         np.zeros(len(fresh)), np.full(len(fresh), settings.n_select)),
+        ])
+        votes = source.votes(requests)
+        estimate[rows, target[rows]] += votes[: len(rows)]
+        select[fresh, target[fresh]] += votes[len(rows):]
+        step[rows, target[rows]] += 1
+        rounds += 1
+        deciding = stage[rows]  # images that fall through below start the next stage next round
+        for k in np.unique(deciding):
+            at_stage = rows[deciding == k]
+            status, next_target = round_status(select[at_stage], estimate[at_stage], int(k), settings)
+            target[at_stage] = next_target
+            active[at_stage[status == STOP]] = False
+            fallen = at_stage[status == FALL_THROUGH]
+            if k == num_scales - 1:
+                active[fallen] = False
+            else:
+                stage[fallen] = target[fallen] = k + 1
+    result = certify_cascade_sequential(select, estimate, settings.sigmas, settings.alpha, settings.p0,
+                                        fell_through=estimate.sum(axis=2)[:, 1:] > 0)
+    return SamplingOutcome(result, select, estimate, rounds)
+
+
+def run_fixed(
+    source: VoteSource, num_images: int, sigmas: Sequence[float], n_select: int, n: int, alpha: float,
+    p0: float = 0.5,
+) -> SamplingOutcome:
+    """The fixed-n cascade with early exit (union mode) over the same source: the baseline that
+    adaptive sampling is measured against, sharing its noise chunks."""
+    num_scales, num_classes = len(sigmas), source.num_classes
+    select = np.zeros((num_images, num_scales, num_classes), dtype=np.int64)
+    estimate = np.zeros_like(select)
+    rows = np.arange(num_images)
+    consulted_stages = 0
+    for k in range(num_scales):
+        if k:
+            rows = rows[undecided_mask(select[rows, :k], estimate[rows, :k], num_scales, alpha, "union", p0)]
+        if rows.size == 0:
+            break
+        count = len(rows)
+        consulted_stages += 1
+        votes = source.votes(VoteRequests.concat([
+            VoteRequests(rows, np.full(count, k), np.full(count, int(Phase.SELECT)), np.zeros(count),
+                         np.full(count, n_select)),
+            VoteRequests(rows, np.full(count, k), np.full(count, int(Phase.ESTIMATE)), np.zeros(count),
+                         np.full(count, n)),
+        ]))
+        select[rows, k], estimate[rows, k] = votes[:count], votes[count:]
+    result = certify_cascade(select, estimate, sigmas, alpha, "union", p0)
+    return SamplingOutcome(result, select, estimate, int(consulted_stages))

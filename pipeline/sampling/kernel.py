@@ -1,0 +1,196 @@
+"""The fused denoise-classify kernel (method.md §2): Monte-Carlo class counts for sample ranges.
+
+This is the only place that turns noise into votes. A request names samples [start, stop) of one
+(image row, scale, phase); all requested noise chunks of a call — any mix of images, scales and
+phases — are packed into batches of about `batch_size` samples, so one UNet forward (per-sample
+timestep t*(sigma)) and one classifier forward serve many images and several noise scales at once.
+Counts are accumulated on the device with `bincount` (no host sync per batch). Noise is
+counter-seeded per (image_id, sigma, phase, chunk) (see noise.py): the votes of a sample range are
+identical whatever the packing, the batch size, the sharding or the order of requests, so fixed-n,
+early-exit and adaptive runs share their noise. No Ray here: this module can be benchmarked,
+compiled and tested alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.models.denoiser import OneShotDenoiser
+from pipeline.sampling.noise import NOISE_CHUNK, Phase, chunk_lengths, chunk_noise
+
+
+@dataclass(frozen=True)
+class VoteRequests:
+    """R requests: samples [starts, stops) of image `rows` at scale index `stages` in `phases`."""
+
+    rows: np.ndarray
+    stages: np.ndarray
+    phases: np.ndarray
+    starts: np.ndarray
+    stops: np.ndarray
+
+    @staticmethod
+    def concat(parts: Sequence[VoteRequests]) -> VoteRequests:
+        return VoteRequests(*(np.concatenate([getattr(p, f) for p in parts]).astype(np.int64)
+                              for f in ("rows", "stages", "phases", "starts", "stops")))
+
+    @staticmethod
+    def whole(rows: np.ndarray, stages: np.ndarray, phase: Phase, total: int) -> VoteRequests:
+        """Samples [0, total) of phase `phase` for each (row, stage) pair."""
+        count = len(rows)
+        return VoteRequests(np.asarray(rows, np.int64), np.asarray(stages, np.int64),
+                            np.full(count, int(phase), np.int64), np.zeros(count, np.int64),
+                            np.full(count, total, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def request_chunks(start: int, stop: int, total: int) -> range:
+    """Chunk indices covering samples [start, stop) of a phase with `total` samples."""
+    if not (0 <= start < stop <= total) or start % NOISE_CHUNK or (stop % NOISE_CHUNK and stop != total):
+        raise UserError(f"sample range [{start}, {stop}) of {total} does not align with noise chunks of {NOISE_CHUNK}")
+    return range(start // NOISE_CHUNK, -(-stop // NOISE_CHUNK))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One noise chunk of one request: `length` samples of image `row` at scale `stage`."""
+
+    request: int
+    row: int
+    stage: int
+    phase: Phase
+    chunk: int
+    length: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class FusedDenoiseClassify(torch.nn.Module):
+    """denoise(x + δ) → classifier → argmax, counted per request."""
+
+    def __init__(
+        self,
+        denoiser: OneShotDenoiser,
+        classifier: torch.nn.Module,
+        num_classes: int,
+        device: torch.device | str | None = None,
+        batch_size: int = 1024,
+    ):
+        super().__init__()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.denoiser = denoiser.to(self.device).eval()
+        self.classifier = classifier.to(self.device).eval()
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        # NHWC convolutions: cuDNN's tensor-core kernels on GPU; oneDNN's faster blocked kernels on CPU
+        # (measured on the digits models: 1.2-1.5x samples/s, identical counts).
+        self.denoiser.to(memory_format=torch.channels_last)
+        self.classifier.to(memory_format=torch.channels_last)
+
+    def _autocast(self):
+        """bf16 on GPU (the UNet and classifier are the whole cost); exact fp32 on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Class predictions for noisy images in image space: one UNet and one classifier call."""
+        with self._autocast():
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
+            denoised = self.denoiser(noisy, timesteps)
+            return self.classifier(denoised).argmax(dim=1)
+
+    def device_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Checked (N, C, H, W) float32 images on this kernel's device."""
+        images = images.float() if torch.is_tensor(images) else torch.tensor(np.asarray(images), dtype=torch.float32)
+        if images.ndim != 4:
+            raise UserError(f"images must be (N, C, H, W); got shape {tuple(images.shape)}")
+        if images.shape[1] != self.denoiser.in_channels:
+            raise UserError(
+                f"images have {images.shape[1]} channels but the denoiser expects {self.denoiser.in_channels}"
+            )
+        return images.to(self.device)
+
+    def _batches(self, chunks: list[_Chunk]) -> Iterator[list[_Chunk]]:
+        """Pack whole chunks into batches of about `batch_size` samples."""
+        batch: list[_Chunk] = []
+        filled = 0
+        for chunk in chunks:
+            batch.append(chunk)
+            filled += chunk.length
+            if filled >= self.batch_size:
+                yield batch
+                batch, filled = [], 0
+        if batch:
+            yield batch
+
+    @torch.inference_mode()
+    def votes(
+        self,
+        images: torch.Tensor,
+        image_ids: Sequence[int],
+        sigmas: Sequence[float],
+        totals: Mapping[Phase, int],
+        seed: int,
+        requests: VoteRequests,
+    ) -> np.ndarray:
+        """(R, num_classes) int64 class counts, one row per request.
+
+        `images` come from `device_images`; `totals[phase]` is the phase's full sample count, which
+        fixes the chunk lengths (a range's votes equal those samples' votes in any run with the same
+        seed and totals)."""
+        if len(image_ids) != len(images):
+            raise UserError(f"{len(image_ids)} image ids for {len(images)} images")
+        device, classes = self.device, self.num_classes
+        sigma_values = [float(s) for s in sigmas]
+        timesteps = [self.denoiser.timestep_for_sigma(s) for s in sigma_values]
+        chunks = []
+        for index, (row, stage, phase, start, stop) in enumerate(zip(
+                requests.rows, requests.stages, requests.phases, requests.starts, requests.stops)):
+            phase = Phase(int(phase))
+            lengths = chunk_lengths(int(totals[phase]))
+            chunks += [_Chunk(index, int(row), int(stage), phase, chunk, lengths[chunk])
+                       for chunk in request_chunks(int(start), int(stop), int(totals[phase]))]
+        counts = torch.zeros(len(requests) * classes, dtype=torch.int64, device=device)
+        shape = tuple(images.shape[1:])
+        for batch in self._batches(chunks):
+            noise = torch.cat([chunk_noise(shape, c.length, seed, int(image_ids[c.row]), sigma_values[c.stage],
+                                           c.phase, c.chunk, device) for c in batch])
+            lengths = torch.tensor([c.length for c in batch], device=device)
+
+            def per_sample(values: list, dtype=None) -> torch.Tensor:
+                return torch.tensor(values, device=device, dtype=dtype).repeat_interleave(lengths)
+
+            request = per_sample([c.request for c in batch])
+            sigma = per_sample([sigma_values[c.stage] for c in batch], torch.float32)
+            noisy = images[per_sample([c.row for c in batch])] + sigma.view(-1, 1, 1, 1) * noise
+            predictions = self.predict(noisy, per_sample([timesteps[c.stage] for c in batch]))
+            counts += torch.bincount(request * classes + predictions, minlength=counts.numel())
+        return counts.view(len(requests), classes).cpu().numpy()
+
+    def count(
+        self,
+        images: np.ndarray | torch.Tensor,
+        image_ids: Sequence[int],
+        sigmas: Sequence[float],
+        samples: Mapping[Phase, int],
+        seed: int,
+    ) -> dict[Phase, np.ndarray]:
+        """Counts of every sample of every (image, sigma): (num_images, num_sigmas, num_classes) per phase."""
+        images = self.device_images(images)
+        rows, stages = np.divmod(np.arange(len(images) * len(sigmas)), len(sigmas))
+        phases = list(samples)
+        requests = VoteRequests.concat([VoteRequests.whole(rows, stages, phase, samples[phase]) for phase in phases])
+        votes = self.votes(images, image_ids, sigmas, samples, seed, requests)
+        per_phase = votes.reshape(len(phases), len(images), len(sigmas), self.num_classes)
+        return {phase: per_phase[index] for index, phase in enumerate(phases)}

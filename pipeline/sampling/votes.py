@@ -1,0 +1,81 @@
+"""Vote sources: the kernel bound to one batch of images, answering `votes(requests)` on demand.
+
+A sampling strategy (strategies.py, adaptive.py) asks for the votes of arbitrary sample ranges of
+(image, scale, phase) — the whole first scale for every image, the next scale for a few, the next
+adaptive round for the undecided ones — without knowing what computes them: the fused kernel on a
+device, or a cache of it when two strategies are compared on the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.sampling.kernel import FusedDenoiseClassify, VoteRequests, request_chunks
+from pipeline.sampling.noise import NOISE_CHUNK, Phase
+
+
+class VoteSource(Protocol):
+    num_classes: int
+
+    def votes(self, requests: VoteRequests) -> np.ndarray:
+        """(R, num_classes) int64 class counts, one row per request."""
+        ...
+
+
+class FusedVoteSource:
+    """Votes from the fused kernel for one batch of images (kept on the kernel's device)."""
+
+    def __init__(
+        self,
+        fused: FusedDenoiseClassify,
+        images: np.ndarray,
+        image_ids: Sequence[int],
+        sigmas: Sequence[float],
+        totals: Mapping[Phase, int],
+        seed: int,
+    ):
+        self.fused = fused
+        self.num_classes = fused.num_classes
+        self.images = fused.device_images(images)
+        self.image_ids = [int(i) for i in image_ids]
+        self.sigmas = [float(s) for s in sigmas]
+        self.totals = {Phase(p): int(n) for p, n in totals.items()}
+        self.seed = seed
+
+    def votes(self, requests: VoteRequests) -> np.ndarray:
+        if len(requests) == 0:
+            return np.zeros((0, self.num_classes), np.int64)
+        return self.fused.votes(self.images, self.image_ids, self.sigmas, self.totals, self.seed, requests)
+
+
+class CachedVoteSource:
+    """Remembers the votes of every chunk it has served, so that two strategies compared on the same
+    images (fixed n and adaptive) pay for each chunk once; the votes are identical either way."""
+
+    def __init__(self, inner: FusedVoteSource):
+        self.inner = inner
+        self.num_classes = inner.num_classes
+        self.cache: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+    def votes(self, requests: VoteRequests) -> np.ndarray:
+        keys_per_request = []
+        for row, stage, phase, start, stop in zip(requests.rows, requests.stages, requests.phases,
+                                                  requests.starts, requests.stops):
+            total = self.inner.totals[Phase(int(phase))]
+            keys_per_request.append([(int(row), int(stage), int(phase), chunk)
+                                     for chunk in request_chunks(int(start), int(stop), total)])
+        missing = sorted({key for keys in keys_per_request for key in keys} - self.cache.keys())
+        if missing:
+            totals = [self.inner.totals[Phase(key[2])] for key in missing]
+            chunk_requests = VoteRequests(
+                rows=np.array([k[0] for k in missing]), stages=np.array([k[1] for k in missing]),
+                phases=np.array([k[2] for k in missing]),
+                starts=np.array([k[3] * NOISE_CHUNK for k in missing]),
+                stops=np.array([min((k[3] + 1) * NOISE_CHUNK, total) for k, total in zip(missing, totals)]),
+            )
+            self.cache.update(zip(missing, self.inner.votes(chunk_requests)))
+        return np.array([np.sum([self.cache[key] for key in keys], axis=0) for keys in keys_per_request],
+                        dtype=np.int64).reshape(len(requests), self.num_classes)

@@ -1,0 +1,35 @@
+"""Whole-or-nothing writes on any fsspec filesystem: the one way mdds writes a file under OUT.
+
+Local files go to a hidden temp name beside the target and are renamed into place; object stores
+make a PUT visible only once complete. A SIGKILL at any point therefore never leaves a partial file
+that a resume or a reader would trust.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_bytes(url: str, payload: bytes) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if "file" in fs.protocol or "local" in fs.protocol:
+        name = path.rsplit("/", 1)[-1]
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp" if parent else f".{name}.{uuid.uuid4().hex}.tmp"
+        fs.pipe_file(tmp, payload)
+        fs.mv(tmp, path)
+    else:
+        fs.pipe_file(path, payload)
+
+
+def write_parquet(table: pa.Table, url: str) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(url, buffer.getvalue())
