@@ -10,6 +10,7 @@ from pipeline.app.presets import Preset
 from pipeline.app.reduce import reduce_adaptive, reduce_cascade, reduce_single_scales
 from pipeline.app.report import render_report
 from pipeline.app.workload import DataOptions, ModelOptions, Workload, build_workload
+from pipeline.distributed.ray_init import init_ray
 from pipeline.distributed.run import ExecutionConfig, sample_counts
 from pipeline.errors import UserError
 from pipeline.sampling.strategies import SamplingConfig
@@ -37,7 +38,24 @@ def run_settings(sampling: SamplingConfig) -> dict:
     return settings
 
 
-def collect_counts(request: CertifyRequest, min_select: int = 1) -> tuple[Workload, CountsArrays]:
+class Stopwatch:
+    """Wall seconds per phase of a job, for the report header (where the time of a run goes)."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._started = self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self._started
+        return f"{total:.1f} s (" + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items()) + ")"
+
+
+def collect_counts(request: CertifyRequest, stopwatch: Stopwatch, min_select: int = 1) -> tuple[Workload, CountsArrays]:
     """Validate, prepare --out, load the models, join Ray and sample (or reuse) the counts of every image."""
     sampling = request.sampling
     if sampling.n < 1 or sampling.n_select < min_select:
@@ -49,16 +67,20 @@ def collect_counts(request: CertifyRequest, min_select: int = 1) -> tuple[Worklo
     settings = run_settings(sampling)
     check_resume(request.out, settings, request.resume)  # only once the models load: a failed start leaves OUT empty
     write_image_ids(request.out, workload.image_ids)
+    stopwatch.lap("models")
+    init_ray()
+    stopwatch.lap("Ray start")
     counts = sample_counts(workload.dataset_for, workload.image_ids, workload.model_spec, sampling,
                            request.execution, join(request.out, "counts"), shard_metadata(settings))
+    stopwatch.lap("sampling")
     return workload, counts_to_arrays(counts, sampling.sigmas)
 
 
 def certify(request: CertifyRequest) -> str:
     """Run everything; returns the printed summary table."""
     sampling = request.sampling
-    started = time.perf_counter()
-    workload, arrays = collect_counts(request)
+    stopwatch = Stopwatch()
+    workload, arrays = collect_counts(request, stopwatch)
     adaptive = sampling.strategy == "adaptive"
     if adaptive:
         results = reduce_adaptive(arrays, sampling.alpha, sampling.p0)
@@ -82,9 +104,10 @@ def certify(request: CertifyRequest) -> str:
         f"- images: {results.num_rows}; sigmas {list(sampling.sigmas)}; n_select={sampling.n_select}, "
         f"n={sampling.n}; alpha={sampling.alpha} ({sampling.alpha_mode} mode); p0={sampling.p0}; "
         f"sampling: {sampling.strategy}",
-        f"- wall time: {time.perf_counter() - started:.1f} s",
+        f"- wall time: {stopwatch.summary()}",
         *([f"- skipped unreadable images ({len(skipped)}): {', '.join(skipped)}"] if skipped else []),
     ])
+    stopwatch.lap("reduce")
     report, png = render_report(tables, header)
     write_bytes(join(request.out, "report.md"), report.encode())
     write_bytes(join(request.out, "certified_accuracy.png"), png)

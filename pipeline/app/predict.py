@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.app.certify import CertifyRequest, collect_counts
+from pipeline.app.certify import CertifyRequest, Stopwatch, collect_counts
 from pipeline.store.atomic import write_parquet
 from pipeline.store.run_config import join
 from pipeline.stats.prediction import predict_cascade
@@ -21,7 +21,7 @@ PREDICTIONS_SCHEMA = pa.schema([
 
 def predict(request: CertifyRequest) -> str:
     """Sample n votes per image and scale (early exit by the §5 test), predict, write, summarize."""
-    workload, arrays = collect_counts(request, min_select=0)
+    workload, arrays = collect_counts(request, Stopwatch(), min_select=0)
     prediction, stage = predict_cascade(arrays.estimate_counts, request.sampling.alpha)
     decided = stage >= 0
     table = pa.table(

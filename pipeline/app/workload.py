@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.distributed.ray_init import init_ray
 from pipeline.errors import UserError
 from pipeline.models.spec import ModelSpec
 from pipeline.app.presets import Preset
@@ -40,13 +39,14 @@ class DataOptions:
 
 
 def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+    """Select the images and check (digits: train on first use) the models, all before Ray starts, so
+    first-use training gets every core instead of sharing them with Ray's daemons and workers."""
     if data.skip < 1:
         raise UserError(f"--skip must be >= 1, got {data.skip}")
     if data.num_images is not None and data.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {data.num_images}")
     if preset.name == "digits":
         return _digits(preset, data, models)
-    init_ray()
     return _external(preset, data, models)
 
 
@@ -61,9 +61,6 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
     denoiser_dir = models.denoiser or str(digits_denoiser_dir())
     spec = ModelSpec(denoiser_dir, "digits", str(digits_classifier_dir()), preset.num_classes, in_chans=1)
     _, classifier = spec.load()  # fails fast, in the driver, on a bad --denoiser or cache
-    # Ray starts only now: first-use training above gets both cores instead of sharing them with
-    # Ray's freshly started daemons and prestarted workers.
-    init_ray()
 
     def dataset_for(todo: np.ndarray, num_blocks: int) -> ray.data.Dataset:
         return ray.data.from_items([

@@ -1,6 +1,9 @@
-"""Dataset sources as Ray Data readers.
+"""Data sources as Ray Data readers (this package imports ray.data; nothing else of Ray), and the embedded
+digits set (numpy only, digits.py).
 
-Every source returns `(ray.data.Dataset, SourceInfo)`. Rows are
+Every source is opened once (listing, selection) and returns a `Source(info, read)`;
+`read(image_ids, num_blocks)` gives the Ray Dataset of any subset of the selection, so a run reads only
+the images it still has to do, in blocks sized to its actor pool. Rows are
 `{"image_id": int64, "label": int64, "image": float32 (C, H, W) in [0, 1]}`, already in the certified input
 space (the space sigma and the radii refer to). image_id is the image's index in the full source in its
 deterministic order (or an explicit id column), fixed before any subsetting, so it is stable across runs

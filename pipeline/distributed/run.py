@@ -39,18 +39,19 @@ class ExecutionConfig:
     use_gpu: bool
 
 
-def _on_disk(counts_dir: str, image_ids: np.ndarray, config: SamplingConfig) -> tuple[BatchCounts, pa.Table]:
-    """The cells of `image_ids` already in `counts_dir`, as dense per-image arrays (zeros elsewhere)."""
+def _on_disk(counts_dir: str, image_ids: np.ndarray, config: SamplingConfig) -> BatchCounts | None:
+    """The cells of `image_ids` already in `counts_dir` as dense per-image arrays (zeros elsewhere);
+    None when there are none."""
     table = rows_of(counts_dir, image_ids)
     if table.num_rows == 0:
-        return None, table
+        return None
     arrays = counts_to_arrays(table, config.sigmas)
     rows = np.searchsorted(image_ids, arrays.image_ids)
     num_classes = arrays.select_counts.shape[2]
     counts = BatchCounts.empty(len(image_ids), len(config.sigmas), num_classes)
     counts.select[rows], counts.estimate[rows], counts.present[rows] = (
         arrays.select_counts, arrays.estimate_counts, arrays.present)
-    return counts, table
+    return counts
 
 
 def sample_counts(
@@ -66,7 +67,7 @@ def sample_counts(
     import ray.data
 
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
-    counts, _ = _on_disk(counts_dir, image_ids, config)
+    counts = _on_disk(counts_dir, image_ids, config)
     if counts is None:
         todo, prior = image_ids, {}
     else:

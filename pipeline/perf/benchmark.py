@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -295,3 +296,41 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolera
                       "adaptive_radius": adaptive.result.radius.round(4).tolist(),
                       "adaptive_estimation_samples": adaptive.estimate_counts.sum(axis=2).tolist()},
     }
+
+
+def _report_phases(report: str) -> dict[str, float]:
+    """The phases of the report's `- wall time: T s (models a s, Ray start b s, ...)` line."""
+    match = re.search(r"^- wall time: ([\d.]+) s \((.*)\)$", report, re.MULTILINE)
+    if not match:
+        return {}
+    phases = {"total": float(match.group(1))}
+    for part in match.group(2).split(", "):
+        name, seconds = part.rsplit(" ", 2)[0], part.rsplit(" ", 2)[1]
+        phases[name] = float(seconds)
+    return phases
+
+
+def main_job(repo_root: Path, workdir: Path, extra_args: Sequence[str] = ()) -> dict:
+    """`python jobs/certify.py` as a newcomer runs it: once with an empty model cache (first-use
+    training included), then again with the cache; wall time of the whole command, the report's
+    phases, and the most Ray worker processes alive at once."""
+    import subprocess
+    import sys
+
+    from pipeline.perf.processes import PeakRayWorkers
+
+    env = {**os.environ, "MDDS_CACHE_DIR": str(workdir / "model-cache")}
+    runs = {}
+    for name in ("first_run", "cached"):
+        out = workdir / f"main-job-{name}"
+        with PeakRayWorkers(interval_s=0.25) as workers:
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "jobs/certify.py", "--out", str(out), *extra_args], cwd=repo_root,
+                                  env=env, capture_output=True, text=True)
+            seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"jobs/certify.py failed ({done.returncode}): {done.stderr[-2000:]}")
+        report = (out / "report.md").read_text()
+        runs[name] = {"command_s": seconds, "phases_s": _report_phases(report), "peak_ray_workers": workers.peak}
+    return {"command": "python jobs/certify.py " + " ".join(extra_args), **runs,
+            "load_average_at_end": list(os.getloadavg())}

@@ -26,7 +26,7 @@ import pytest
 
 from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
-from tests.test_imagenet_job import FAVOURED_CLASS, make_diffusers_denoiser, make_imagenet_tree, save_torchscript
+from tests.jobs.test_imagenet_job import FAVOURED_CLASS, make_diffusers_denoiser, make_imagenet_tree, save_torchscript
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")]
 

@@ -36,7 +36,7 @@ from pipeline.finetune.weights import (
 )
 from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "jobs" / "finetune_diffusion.py"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")
 

@@ -34,7 +34,7 @@ from pipeline.models.spec import ModelSpec
 from pipeline.sampling.noise import Phase
 from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
-from tests.test_guided_diffusion import random_reference, save_reference
+from tests.models.test_guided_diffusion import random_reference, save_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")]
 

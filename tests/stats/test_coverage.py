@@ -25,7 +25,7 @@ from pipeline.stats.cascade import certify_cascade, certify_single_scale
 ALPHA = 0.1
 TRIALS = 10_000
 TOLERANCE = 4 * np.sqrt(ALPHA * (1 - ALPHA) / TRIALS)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 LINEAR = LinearBinary(weights=np.array([3.0, 4.0]), bias=0.0)
 SIGMA = 0.5

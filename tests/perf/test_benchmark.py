@@ -26,7 +26,7 @@ from pipeline.perf.tuning import compile_predict
 from pipeline.sampling.noise import Phase
 from pipeline.perf.reference_loop import reference_counts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class MeanIntensityClassifier(torch.nn.Module):

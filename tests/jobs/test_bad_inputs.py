@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.store.counts import counts_table
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DIGITS_RUN = ("--num-images", "2", "--n", "20", "--n-select", "10", "--sigmas", "0.5")
 
 

@@ -26,7 +26,7 @@ import pytest
 from pipeline.distributed.actor import FAIL_ONCE_ENV
 from pipeline.store.shards import read_shards
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # 12 images in batches of 4: three shards for the first scale, so a kill after the first is mid-pass.
 # At sigma=1 most digits fall through to 0.25, so a resume also has to rebuild the early-exit stage.
 SETTINGS = ("--num-images", "12", "--n", "100", "--n-select", "20", "--images-per-batch", "4",

@@ -28,7 +28,7 @@ from pipeline.models.guided_diffusion import (
     save_converted,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4
 
 

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import yaml
 
-CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
+CLUSTER_DIR = Path(__file__).resolve().parents[2] / "cluster"
 AUTOSCALER_CONFIGS = ("aws.yaml", "gcp.yaml")
 KUBERAY_MANIFEST = "kuberay.yaml"
 SPILL_DIR = "/mnt/ray-spill"

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.stats.cascade import certify_cascade
 
-REFERENCE_CASES = Path(__file__).resolve().parents[2] / "shared" / "cascade_reference_cases.parquet"
+REFERENCE_CASES = Path(__file__).resolve().parents[3] / "shared" / "cascade_reference_cases.parquet"
 ALPHA = 0.001
 
 pytestmark = pytest.mark.skipif(
