@@ -85,9 +85,10 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     run = parser.add_argument_group("execution")
     run.add_argument("--batch-size", type=int, help="samples per fused forward pass (preset default)")
     run.add_argument("--images-per-batch", type=int, default=16,
-                     help="images per actor batch (default 16). The actor runs the batch's whole cascade, so "
-                          "later scales see only the images routed there; 16 images keep every stage's "
-                          "forwards full at the presets' n while a preempted batch loses little")
+                     help="images per actor batch, at most (default 16; fewer when a run has too few images "
+                          "to keep every actor busy). The actor runs the batch's whole cascade, so later "
+                          "scales see only the images routed there: 16 images keep every stage's forwards "
+                          "full at the presets' n, while a preempted batch loses little")
     run.add_argument("--num-actors", type=int, default=None,
                      help="parallel model copies (default: one per GPU; without GPUs one per CPU core, "
                           "each on one thread, minus one core for Ray Data's read tasks unless the data is "

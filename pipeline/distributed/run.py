@@ -79,14 +79,16 @@ def sample_counts(
     print(f"[mdds] {config.strategy}: sampling {len(todo)} image(s) "
           f"({len(image_ids) - len(todo)} already done)", flush=True)
     if len(todo):
-        batches = -(-len(todo) // execution.images_per_batch)
-        dataset = dataset_for(todo, max(1, min(batches, 4 * execution.num_actors)))
+        # At most --images-per-batch, and fewer when that would leave actors idle (a small run).
+        per_batch = min(execution.images_per_batch, -(-len(todo) // execution.num_actors))
+        batches = -(-len(todo) // per_batch)
+        dataset = dataset_for(todo, min(batches, 4 * execution.num_actors))
         counted = dataset.map_batches(
             CascadeActor,
             fn_constructor_kwargs=dict(model_spec=model_spec, config=config,
                                        samples_per_forward=execution.samples_per_forward,
                                        counts_dir=counts_dir, shard_metadata=shard_metadata, prior=prior),
-            batch_size=execution.images_per_batch,
+            batch_size=per_batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=execution.num_actors),
             num_gpus=1 if execution.use_gpu else 0,
