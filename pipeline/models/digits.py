@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.data.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 from pipeline.errors import UserError
 from pipeline.models.classifier import NormalizedClassifier
-from pipeline.models.denoiser import OneShotDenoiser, denoiser_from_parts, load_denoiser
+from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -206,10 +206,6 @@ def digits_classifier_dir(
         (tmp / "training.json").write_text(json.dumps({"arch": CLASSIFIER_ARCH, **asdict(settings)}, indent=2))
         _replace_dir(tmp, target)
     return target
-
-
-def load_digits_denoiser(path: str | Path) -> OneShotDenoiser:
-    return load_denoiser(path)
 
 
 def load_digits_classifier(path: str | Path) -> NormalizedClassifier:

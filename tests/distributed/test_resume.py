@@ -152,3 +152,20 @@ def test_actor_killed_mid_batch_gives_the_clean_counts(tmp_path, clean_run, monk
     assert code == 0, err
     assert marker.exists(), "the injected failure never fired: the variable did not reach the actors"
     assert_same_run(out, clean_run)
+
+
+def test_actor_killed_mid_batch_gives_the_clean_counts_with_adaptive_sampling(tmp_path, digits_cache, ray_session,
+                                                                               monkeypatch, capfd):
+    """The adaptive strategy runs in the same actor: a retried batch must also rewrite identical shards."""
+    settings = (*SETTINGS, "--adaptive")
+    clean, out, marker = tmp_path / "clean", tmp_path / "out", tmp_path / "actor-died"
+    code, err = run_certify(monkeypatch, capfd, *settings, "--out", str(clean))
+    assert code == 0, err
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+
+    code, err = run_certify(monkeypatch, capfd, *settings, "--out", str(out))
+
+    assert code == 0, err
+    assert marker.exists(), "the injected failure never fired"
+    assert_same_run(out, clean)
+

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.stats.cascade import undecided_mask
+from pipeline.stats.cascade import needs_next_stage
 from pipeline.app.certify import CertifyRequest, certify
 from pipeline.app.args import build_parser, request_from_args
 from pipeline.store.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
@@ -68,14 +68,18 @@ def test_counts_do_not_depend_on_actors_or_batching(all_scales_run, tmp_path):
 
 
 def test_early_exit_samples_only_undecided_images(all_scales_run, tmp_path):
-    certify(request(tmp_path))
+    early_exit = request(tmp_path)
+    certify(early_exit)
     early = counts_to_arrays(sorted_counts(tmp_path), SIGMAS)
     full = counts_to_arrays(sorted_counts(all_scales_run), SIGMAS)
     np.testing.assert_array_equal(early.present[:, 0], True)
     for stage in (1, 2):
-        undecided = undecided_mask(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3, 0.001)
-        np.testing.assert_array_equal(early.present[:, stage], undecided)
-        np.testing.assert_array_equal(early.estimate_counts[undecided, stage], full.estimate_counts[undecided, stage])
+        routed = needs_next_stage(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3, 0.001,
+                                  "union", 0.5, early_exit.sampling.routing)
+        np.testing.assert_array_equal(early.present[:, stage], routed)
+    # every (image, sigma) both strategies sampled has the same counts (same seed, same noise)
+    np.testing.assert_array_equal(early.select_counts[early.present], full.select_counts[early.present])
+    np.testing.assert_array_equal(early.estimate_counts[early.present], full.estimate_counts[early.present])
     # the cascade result is the same whether or not the unused scales were sampled
     assert pq.read_table(tmp_path / "results.parquet").equals(pq.read_table(all_scales_run / "results.parquet"))
 
