@@ -24,7 +24,8 @@ import torch
 
 from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive, run_fixed
 from pipeline.stats.sequential_cascade import AdaptiveSettings
-from pipeline.stats.cascade import certify_cascade, undecided_mask
+from pipeline.stats.cascade import certify_cascade
+from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy, sample_totals
 from pipeline.perf.flops import flops_per_sample, peak_bf16_flops, utilization
 from pipeline.sampling.kernel import FusedDenoiseClassify
 from pipeline.models.spec import ModelSpec
@@ -136,27 +137,18 @@ def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_ba
 
 def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: dict[Phase, np.ndarray],
                all_scales_s: float) -> dict:
-    """Stage by stage, sampling only the images every earlier stage let fall through (method.md §4)."""
-    num_scales = len(work.sigmas)
-    shape = all_scales_counts[Phase.SELECT].shape
-    select, estimate = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    """The early-exit strategy the actors run (sampling/strategies.py) on the same images and noise:
+    each scale only for the images the routing sends there (method.md §4)."""
+    config = SamplingConfig(tuple(work.sigmas), work.n_select, work.n, work.seed, work.alpha, "union", 0.5)
+    strategy = make_strategy(config)
+    counts = BatchCounts.empty(len(work.images), len(work.sigmas), fused.num_classes)
+    source = FusedVoteSource(fused, work.images, work.image_ids, work.sigmas, sample_totals(config), work.seed)
 
     def staged() -> list[int]:
-        pending = np.arange(len(work.images))
-        sampled = []
-        for k, sigma in enumerate(work.sigmas):
-            if k:
-                pending = pending[undecided_mask(select[pending, :k], estimate[pending, :k], num_scales,
-                                                 work.alpha, "union")]
-            sampled.append(len(pending))
-            if len(pending) == 0:
-                break
-            counts = fused.count(work.images[pending], work.image_ids[pending], [sigma], work.samples, work.seed)
-            select[pending, k], estimate[pending, k] = counts[Phase.SELECT][:, 0], counts[Phase.ESTIMATE][:, 0]
-        return sampled
+        return [int(filled.sum()) for filled in strategy.sample(source, counts)]
 
     sampled, seconds = timed(staged, fused.device)
-    early = certify_cascade(select, estimate, work.sigmas, work.alpha, "union")
+    early = certify_cascade(counts.select, counts.estimate, work.sigmas, work.alpha, "union")
     full = certify_cascade(all_scales_counts[Phase.SELECT], all_scales_counts[Phase.ESTIMATE], work.sigmas,
                            work.alpha, "union")
     passes = sum(sampled) * (work.n_select + work.n)
