@@ -23,7 +23,15 @@ import pyarrow.parquet as pq
 
 from pipeline.app.cli import run_main
 from pipeline.app.presets import parse_sigmas
-from pipeline.app.reduce import cascade_lacking, missing_images, reduce_adaptive, reduce_cascade, refuse_incomplete
+from pipeline.app.reduce import (
+    cascade_lacking,
+    missing_images,
+    reduce_adaptive,
+    reduce_cascade,
+    refuse_incomplete,
+    scales_sampled,
+)
+from pipeline.app.report import markdown_table, summary_rows
 from pipeline.errors import UserError
 from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS, check_p0
 from pipeline.store.counts import CountsArrays, counts_to_arrays, read_counts_reporting
@@ -139,10 +147,22 @@ def main() -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     pq.write_table(results, tmp)
     tmp.replace(out)
-    alpha, alpha_mode, routing, _ = statistics(args, settings)
+    alpha, alpha_mode, routing, p0 = statistics(args, settings)
     certified = int((results["prediction"].to_numpy() >= 0).sum())
     print(f"wrote {out}: {results.num_rows} images, {certified} certified, sigmas {arrays.sigmas.tolist()}, "
           f"{alpha_mode} mode, routing {routing}, alpha={alpha:g} per image")
+    print(summary(results, arrays, settings, (alpha, alpha_mode, routing, p0)))
+
+
+def summary(results: pa.Table, arrays: CountsArrays, settings: dict | None, stats: tuple) -> str:
+    """The report's table row for these results; for counts with every scale of every image, also the
+    scales per image that early exit under this routing samples."""
+    alpha, alpha_mode, routing, p0 = stats
+    row = summary_rows({"/".join(f"{s:g}" for s in arrays.sigmas) + f" {routing}": results})[0]
+    adaptive = bool(settings) and settings.get("strategy") == "adaptive"
+    if arrays.present.all() and not adaptive:
+        row["scales/image"] = float(scales_sampled(arrays, alpha, alpha_mode, p0, routing).mean())
+    return markdown_table([row])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from statsmodels.stats.proportion import multinomial_proportions_confint, propor
 from pipeline.stats.cascade import (
     certify_cascade,
     certify_single_scale,
-    lacks_needed_stage,
+    needed_stages,
     needs_next_stage,
     stage_levels,
     undecided_mask,
@@ -277,10 +277,13 @@ def test_early_exit_counts_give_the_all_scales_certificates(routing: str) -> Non
     early = certify_cascade(early_select, early_estimate, SIGMAS, 0.01, routing=routing)
     for field in ("prediction", "radius", "stage"):
         np.testing.assert_array_equal(getattr(early, field), getattr(full, field))
-    assert not lacks_needed_stage(early_select, early_estimate, sampled, 0.01, routing=routing).any()
+    np.testing.assert_array_equal(needed_stages(select, estimate, np.ones_like(sampled), 0.01, routing=routing),
+                                  sampled)  # what early exit samples, read off all-scales counts
+    needed = needed_stages(early_select, early_estimate, sampled, 0.01, routing=routing)
+    assert not (needed & ~sampled).any()
     if routing != "best":
-        assert lacks_needed_stage(early_select, early_estimate, sampled, 0.01, routing="best").sum() == \
-            (~sampled.all(axis=1)).sum()
+        needed_by_best = needed_stages(early_select, early_estimate, sampled, 0.01, routing="best")
+        np.testing.assert_array_equal((needed_by_best & ~sampled).any(axis=1), ~sampled.all(axis=1))
 
 
 def test_routings_other_than_cascade_need_union_mode_and_p0_below_half_is_refused() -> None:

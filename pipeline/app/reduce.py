@@ -13,7 +13,13 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import UserError
-from pipeline.stats.cascade import AlphaMode, Routing, certify_cascade, certify_single_scale, lacks_needed_stage
+from pipeline.stats.cascade import (
+    AlphaMode,
+    Routing,
+    certify_cascade,
+    certify_single_scale,
+    needed_stages,
+)
 from pipeline.stats.sequential_cascade import certify_cascade_sequential
 from pipeline.store.counts import CountsArrays
 from pipeline.store.results import results_table
@@ -40,8 +46,17 @@ def missing_images(arrays: CountsArrays, asked: np.ndarray | None, lacking: np.n
 def cascade_lacking(arrays: CountsArrays, alpha: float, alpha_mode: AlphaMode, p0: float,
                     routing: Routing) -> np.ndarray:
     """(M,) images of `arrays` whose rows lack a stage `routing` needs (fixed-n counts)."""
-    return lacks_needed_stage(arrays.select_counts, arrays.estimate_counts, arrays.present, alpha, alpha_mode, p0,
-                              routing)
+    needed = needed_stages(arrays.select_counts, arrays.estimate_counts, arrays.present, alpha, alpha_mode, p0,
+                           routing)
+    return (needed & ~arrays.present).any(axis=1)
+
+
+def scales_sampled(arrays: CountsArrays, alpha: float, alpha_mode: AlphaMode, p0: float,
+                   routing: Routing) -> np.ndarray:
+    """(M,) how many scales early exit under `routing` samples per image: on an --all-scales run's
+    counts, what a run with that routing would have cost."""
+    return needed_stages(arrays.select_counts, arrays.estimate_counts, arrays.present, alpha, alpha_mode, p0,
+                         routing).sum(axis=1)
 
 
 def refuse_incomplete(missing: np.ndarray, num_asked: int, unreadable: Sequence[str], hint: str) -> None:

@@ -287,7 +287,7 @@ def undecided_mask(
     return needs_next_stage(select_counts, estimate_counts, num_scales, alpha, alpha_mode, p0, "cascade")
 
 
-def lacks_needed_stage(
+def needed_stages(
     select_counts: np.ndarray,
     estimate_counts: np.ndarray,
     present: np.ndarray,
@@ -296,20 +296,19 @@ def lacks_needed_stage(
     p0: float = 0.5,
     routing: Routing = "cascade",
 ) -> np.ndarray:
-    """(M,) True where `routing` needs a stage of an image that has no votes there (present: (M, K)
-    bool). Reduce and certify report such images instead of certifying the others alone."""
+    """(M, K) True where `routing` needs stage k of an image, as far as the stages present (M, K)
+    tell: a stage after one that is needed but absent is unknown and left False. Reduce and certify
+    report images needing an absent stage instead of certifying the others alone; on all-scales
+    counts the row sums are the scales early exit would sample."""
     select, estimate = _check_pair(select_counts, estimate_counts)
     num_scales = select.shape[1]
-    reached = np.ones(select.shape[0], dtype=bool)
-    lacking = np.zeros(select.shape[0], dtype=bool)
-    for k in range(num_scales):
-        if k:
-            rows = np.flatnonzero(reached)
-            reached[rows] = needs_next_stage(select[rows, :k], estimate[rows, :k], num_scales, alpha,
-                                             alpha_mode, p0, routing)
-        lacking |= reached & ~present[:, k]
-        reached &= present[:, k]
-    return lacking
+    needed = np.zeros(select.shape[:2], dtype=bool)
+    needed[:, 0] = True
+    for k in range(1, num_scales):
+        rows = np.flatnonzero(needed[:, k - 1] & present[:, k - 1])
+        needed[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], num_scales, alpha, alpha_mode, p0,
+                                           routing)
+    return needed
 
 
 def certify_single_scale(
