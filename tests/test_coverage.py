@@ -285,7 +285,9 @@ def test_coverage_job_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     assert job.returncode == 0, job.stderr
     assert "| cascade, union | sigma 0.5 certifies, cap from 1.0 binds (tight) |" in job.stdout
     report = json.loads(out.read_text())
-    assert report["trials"] == 300 and len(report["violations"]) == 4 + 2 * len(EXAMPLE_CASCADE_INPUTS)
+    assert report["trials"] == 300
+    assert len(report["violations"]) == 4 + 2 * len(EXAMPLE_CASCADE_INPUTS) + 4 * len(routing_cases())
+    assert "| cascade, union, continue | sigma 1.0 undecided, sigma 0.5 certifies A, cap from 1.0 binds |" in job.stdout
 
     bad = subprocess.run([sys.executable, job_path, "--alpha", "0.7"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "alpha" in bad.stderr
