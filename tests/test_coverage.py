@@ -267,7 +267,8 @@ def test_negative_control_reference_mode_fails(routing_votes) -> None:
 
 def test_continue_certifies_where_cascade_abstains_on_the_undecided_input(routing_votes) -> None:
     """The gain that makes continue the default: sigma 1.0 undecided, sigma 0.5 certifies A."""
-    index = [name for name, _, _ in ROUTING_INPUTS].index("sigma 1.0 undecided, sigma 0.5 certifies A, cap from 1.0 binds")
+    names = [name for name, _, _ in ROUTING_INPUTS]
+    index = names.index("sigma 1.0 undecided, sigma 0.5 certifies A, cap from 1.0 binds")
     select, estimate = routing_votes[index]
     sigmas = ROUTING_INPUTS[index][1].sigmas
     cascade = certify_cascade(select, estimate, sigmas, ALPHA, routing="cascade")

@@ -108,7 +108,8 @@ def test_routing_needing_unsampled_scales_names_the_images(tmp_path: Path) -> No
     """Early exit under cascade left image 0 without sigma 0.25; routing best needs it."""
     counts = make_run(tmp_path, "early_exit", both_scales=False, routing="cascade")
     assert run_reduce(counts).returncode == 0  # the run's own routing
-    assert refused(run_reduce(counts, "--routing", "best", "--overwrite"), "1 of 3 image(s)", "ids 0", "routing cascade")
+    done = run_reduce(counts, "--routing", "best", "--overwrite")
+    assert refused(done, "1 of 3 image(s)", "ids 0", "routing cascade")
 
 
 def test_an_unreadable_shard_is_named(tmp_path: Path) -> None:

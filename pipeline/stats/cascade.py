@@ -2,7 +2,8 @@
 
 Scales are ordered from the highest sigma. At stage k the Clopper-Pearson bounds [p̲_k, p̄_k] on the
 selected class ĉ_k (from the selection votes) are computed from the estimation votes. A certificate
-at stage k has radius r_k = min(sigma_k (Φ⁻¹(p̲_k) - Φ⁻¹(p0)), min_{j<k} sigma_j (Φ⁻¹(p0) - Φ⁻¹(q̄_j)))
+at stage k has radius
+    r_k = min(sigma_k (Φ⁻¹(p̲_k) - Φ⁻¹(p0)), min_{j<k} sigma_j (Φ⁻¹(p0) - Φ⁻¹(q̄_j)))
 where q̄_j bounds every class but ĉ_k at stage j; r_k <= 0 issues nothing.
 
 Why a certificate is correct
@@ -90,7 +91,7 @@ class CascadeResult:
 
     prediction: np.ndarray  # int64 (M,), -1 = abstain
     radius: np.ndarray  # float64 (M,), 0.0 when abstaining
-    stage: np.ndarray  # int64 (M,), index of the deciding stage; -1 when every stage fell through
+    stage: np.ndarray  # int64 (M,), index of the stage that spoke (certificate, or cascade abstention); -1 if none
 
 
 def stage_levels(num_scales: int, alpha: float, alpha_mode: AlphaMode) -> np.ndarray:
