@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS
+from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS, check_p0
 from pipeline.app.certify import CertifyRequest
 from pipeline.errors import UserError
 from pipeline.sampling.kernel import default_device
@@ -20,6 +20,11 @@ outputs (OUT):
   report.md, certified_accuracy.png, run_config.json
 
 query:  duckdb -c "SELECT avg(correct::INT) FROM 'OUT/results.parquet' WHERE radius >= 0.5"
+
+guarantee (union mode, docs/statistics.md): each image's certificate is wrong with probability at most
+--alpha over that image's sampling noise, whatever the routing; a run of M images has at most alpha*M
+wrong certificates in expectation. It is NOT a joint guarantee over the run: --family-wise runs every
+image at alpha/M, so that all M certificates hold together with probability at least 1 - alpha.
 """
 
 
@@ -49,14 +54,23 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     stats.add_argument("--sigmas", help="comma-separated noise scales, e.g. 1.0,0.5,0.25 (preset default)")
     stats.add_argument("--n-select", type=int, help="selection samples per image and scale (N0)")
     stats.add_argument("--n", type=int, help="estimation samples per image and scale (N)")
-    stats.add_argument("--alpha", type=float, help="failure probability of the certificate")
+    stats.add_argument("--alpha", type=float,
+                       help="failure probability of each image's certificate (per image; see --family-wise)")
+    stats.add_argument("--family-wise", action="store_true",
+                       help="run every image at alpha/M (M = images certified) so that all certificates of "
+                            "the run hold jointly with probability >= 1 - alpha")
     stats.add_argument("--alpha-mode", choices=ALPHA_MODES, default="union",
-                       help="union: alpha split so all certificates hold jointly (default); "
-                            "reference: alpha/k at stage k as the published code")
-    stats.add_argument("--p0", type=float, default=0.5, help="probability threshold (default 0.5)")
-    stats.add_argument("--routing", choices=ROUTINGS, default="cascade",
-                       help="which scales an image visits and which one speaks: cascade (as published: "
-                            "an undecided scale abstains)")
+                       help="union (default): alpha split over the 2K-1 intervals an image's certificate can "
+                            "use (K lower bounds, K-1 exact cap families), valid for every --routing; "
+                            "reference: alpha/k at stage k with Goodman caps, as the published code (no "
+                            "guarantee; routing cascade only)")
+    stats.add_argument("--p0", type=float, default=0.5, help="probability threshold, >= 0.5 (default 0.5)")
+    stats.add_argument("--routing", choices=ROUTINGS, default=None,
+                       help="which scales an image visits and which one speaks (union mode): cascade = as "
+                            "published, an undecided scale abstains; continue (default) = a scale that does "
+                            "not certify passes the image on, the first positive capped radius is issued; "
+                            "best = every scale is sampled, the largest positive capped radius is issued. "
+                            "Reference mode is always cascade")
     stats.add_argument("--all-scales", action="store_true",
                        help="sample every scale for every image (single-scale baselines in the report) "
                             "instead of early exit")
@@ -109,6 +123,7 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
         raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
     if args.images_per_batch < 1:
         raise UserError(f"--images-per-batch must be >= 1, got {args.images_per_batch}")
+    check_p0(args.p0)
     strategy = "adaptive" if args.adaptive else "all_scales" if args.all_scales else "early_exit"
     return CertifyRequest(
         preset=preset,
@@ -121,8 +136,9 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             alpha_mode=args.alpha_mode,
             p0=args.p0,
             strategy=strategy,
-            routing=args.routing,
+            routing=resolve_routing(args.routing, args.alpha_mode, args.adaptive),
             radius_tolerance=args.radius_tolerance,
+            family_wise=args.family_wise,
         ),
         execution=ExecutionConfig(
             num_actors=num_actors,
@@ -142,6 +158,17 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
         overwrite=args.overwrite,
         resume=args.resume,
     )
+
+
+def resolve_routing(requested: str | None, alpha_mode: str, adaptive: bool) -> str:
+    """--routing, checked, or its default: continue in union mode; reference mode and the adaptive
+    sampler (which routes by its own sequential rule) are cascade only."""
+    fixed = "reference mode" if alpha_mode == "reference" else "--adaptive" if adaptive else None
+    if fixed is None:
+        return requested or "continue"
+    if requested not in (None, "cascade"):
+        raise UserError(f"--routing {requested} needs union mode with fixed n; {fixed} always routes as cascade")
+    return "cascade"
 
 
 def _num_actors(requested: int | None, use_gpu: bool, reads_files: bool) -> int:

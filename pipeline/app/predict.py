@@ -21,8 +21,8 @@ PREDICTIONS_SCHEMA = pa.schema([
 
 def predict(request: CertifyRequest) -> str:
     """Sample n votes per image and scale (early exit by the §5 test), predict, write, summarize."""
-    workload, arrays = collect_counts(request, Stopwatch(), min_select=0)
-    prediction, stage = predict_cascade(arrays.estimate_counts, request.sampling.alpha)
+    workload, sampling, arrays = collect_counts(request, Stopwatch(), min_select=0)
+    prediction, stage = predict_cascade(arrays.estimate_counts, sampling.alpha)
     decided = stage >= 0
     table = pa.table(
         [
@@ -38,8 +38,9 @@ def predict(request: CertifyRequest) -> str:
     lines = [
         f"# mdds cascaded prediction ({request.preset.name})",
         *[f"- {line}" for line in workload.notes],
-        f"- images: {len(prediction)}; sigmas {list(request.sampling.sigmas)}; n={request.sampling.n}; "
-        f"alpha={request.sampling.alpha} per stage",
+        f"- images: {len(prediction)}; sigmas {list(sampling.sigmas)}; n={sampling.n}; "
+        f"alpha={sampling.alpha:g} per stage" + (f" (family-wise: alpha/M over {len(prediction)} images)"
+                                                 if sampling.family_wise else ""),
         "",
         "| deciding sigma | images | accuracy |",
         "|---|---|---|",

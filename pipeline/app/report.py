@@ -54,6 +54,8 @@ def markdown_table(rows: list[dict[str, float | str]]) -> str:
                 cells.append(value)
             elif key == "ACR":
                 cells.append(f"{value:.3f}")
+            elif key == "scales/image":
+                cells.append(f"{value:.2f}")
             else:
                 cells.append(f"{100 * value:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")

@@ -52,6 +52,7 @@ class SamplingConfig:
     strategy: StrategyName = "early_exit"
     routing: Routing = "cascade"
     radius_tolerance: float = 0.05  # adaptive only
+    family_wise: bool = False  # alpha above is the user's alpha / M (recorded so a resume and a reduce see it)
 
 
 @dataclass

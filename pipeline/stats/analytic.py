@@ -67,7 +67,9 @@ class IntervalCascade:
     ball of radius r maps onto (u-r, u+r)), so the line loses no generality for radii.
 
     Different boundaries per stage make a lower scale classify an input that a higher one is unsure
-    about, so certificates at later stages, and the caps of §4, occur.
+    about, so certificates at later stages, and the caps of §4, occur. ``orders`` (optional) names the
+    class of each interval per stage (a permutation of 0..C-1; default 0..C-1 left to right), so that
+    e.g. stage 1 reads B | A | C while the lower stages read A | B | C.
 
     The population cascade G(u): the first stage k with some class probability > 1/2 outputs that
     class; if none does, G abstains (-1). ``true_radius`` is the radius of the largest open interval
@@ -76,6 +78,7 @@ class IntervalCascade:
 
     sigmas: tuple[float, ...]
     boundaries: tuple[tuple[float, ...], ...]
+    orders: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(b) for b in self.boundaries}
@@ -83,6 +86,9 @@ class IntervalCascade:
             raise ValueError("need one boundary tuple per sigma, all of the same length")
         if any(np.any(np.diff(b) <= 0) for b in self.boundaries) or np.any(np.diff(self.sigmas) >= 0):
             raise ValueError("boundaries must increase and sigmas must decrease")
+        if self.orders is not None and (len(self.orders) != len(self.sigmas) or any(
+                sorted(order) != list(range(self.num_classes)) for order in self.orders)):
+            raise ValueError("orders must give one permutation of the classes per sigma")
 
     @property
     def num_classes(self) -> int:
@@ -93,7 +99,13 @@ class IntervalCascade:
         u = np.asarray(u, dtype=np.float64)[:, None, None]
         edges = np.array([[-np.inf, *b, np.inf] for b in self.boundaries])  # (K, C+1)
         cdf = ndtr((edges[None] - u) / np.asarray(self.sigmas)[None, :, None])
-        return np.diff(cdf, axis=-1)
+        intervals = np.diff(cdf, axis=-1)  # (M, K, C): probability of each interval, left to right
+        if self.orders is None:
+            return intervals
+        probabilities = np.empty_like(intervals)
+        for k, order in enumerate(self.orders):
+            probabilities[:, k, list(order)] = intervals[:, k]
+        return probabilities
 
     def population_prediction(self, u: np.ndarray) -> np.ndarray:
         """G(u), int64 (M,), -1 = abstain."""
@@ -181,3 +193,52 @@ EXAMPLE_CASCADE_INPUTS: dict[str, float] = {
     "sigma 0.25 certifies, cap nearly 0 (tight)": 0.95,
     "on the sigma 1.0 boundary (true radius 0)": -0.5,
 }
+
+
+#: Classes of ``routing_cascade``: the point's class A, its neighbours B and C at sigma 1.0.
+A, B, C = 0, 1, 2
+
+
+def line_cascade(half_width: float) -> IntervalCascade:
+    """Three scales (1.0, 0.5, 0.25), three classes: stage 1 reads B | A | C with A on
+    [-half_width, half_width), too narrow for A to reach 1/2 at sigma 1.0 when half_width < 0.674;
+    the lower stages read A | B | C with A up to 0.8 (sigma 0.5) and 0.7 (sigma 0.25). Near 0,
+    sigma 1.0 never certifies: it is undecided about A or falls through, and a lower stage
+    certifies A with a cap from sigma 1.0 (B or C reaching 1/2 there) that is the true radius."""
+    return IntervalCascade(
+        sigmas=(1.0, 0.5, 0.25),
+        boundaries=((-half_width, half_width), (0.8, 6.0), (0.7, 6.0)),
+        orders=((B, A, C), (A, B, C), (A, B, C)),
+    )
+
+
+def boundary_cascade() -> IntervalCascade:
+    """Three scales, three classes B | A | C, A's interval around 0 just narrow enough that A's
+    probability at u = 0 is 1/2 (minus 1e-9) at every scale: the population cascade abstains near 0,
+    so every certificate there is wrong, and each scale can issue one with probability near its
+    lower bound's level. A rule that does not split alpha over the stages it may consult adds those
+    chances up."""
+    half_widths = [sigma * float(ndtri(0.75)) * (1 - 1e-9) for sigma in (1.0, 0.5, 0.25)]
+    return IntervalCascade(
+        sigmas=(1.0, 0.5, 0.25),
+        boundaries=tuple((-h, h) for h in half_widths),
+        orders=((B, A, C),) * 3,
+    )
+
+
+def routing_cases() -> list[tuple[str, IntervalCascade, float]]:
+    """(name, model, input u) where routing and the ingredients of method.md §4a matter:
+
+    - ``line_cascade(0.66)`` at 0: sigma 1.0 undecided (A at 0.491), so the published rule abstains,
+      while continue/best certify A at sigma 0.5 with the cap from sigma 1.0 binding (true radius 0.66);
+    - ``line_cascade(0.66)`` at 0.5: sigma 1.0 falls through (C at 0.436), its cap binds (0.16);
+    - ``line_cascade(0.4)`` at -0.4: on B's sigma 1.0 boundary (true radius 0), A at 0.29 there;
+    - ``boundary_cascade()`` at 0: A on its boundary at every scale (true radius 0).
+    """
+    wide, narrow = line_cascade(0.66), line_cascade(0.4)
+    return [
+        ("sigma 1.0 undecided, sigma 0.5 certifies A, cap from 1.0 binds", wide, 0.0),
+        ("sigma 1.0 falls through, cap from 1.0 binds", wide, 0.5),
+        ("on B's sigma 1.0 boundary (true radius 0)", narrow, -0.4),
+        ("A on its boundary at every scale (true radius 0)", boundary_cascade(), 0.0),
+    ]

@@ -2,7 +2,9 @@
 
 Everything here is pure numpy/scipy so that the statistics can be read against method.md and tested
 exhaustively without a model. Every ``level`` is a *one-sided miss probability*: the returned bound is
-on the wrong side of the true probability with probability at most ``level``.
+on the wrong side of the true probability with probability at most ``level``. Clopper-Pearson and the
+per-class family built from it are exact (the miss probability is at most ``level`` for every n and p,
+by the binomial law); Goodman is a chi-square approximation, kept only for the reference mode.
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ def clopper_pearson_upper(
     below_all = k < n
     bound = beta.isf(a, k + 1.0, np.where(below_all, n - k, 1.0))
     return np.where(below_all, bound, 1.0)
+
+
+def class_upper_family(counts: np.ndarray, level: np.ndarray | float) -> np.ndarray:
+    """Exact simultaneous upper bounds on every class's probability (method.md §4a): (M, C).
+
+    Each class c gets the one-sided Clopper-Pearson upper bound on its share of the row's votes at
+    level / C. Class c's count is Binomial(n, p_c), so each bound misses with probability at most
+    level / C, and by Bonferroni all C hold together with probability at least 1 - level, for any
+    n and any class probabilities. The max over the classes other than any ĉ is then an upper bound
+    on every class but ĉ, whichever ĉ a later stage selects: one family serves every later stage.
+    counts: (M, C) estimation votes; level: scalar or (M,).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    per_class = np.asarray(level, dtype=np.float64) / counts.shape[1]
+    per_class = per_class[..., None] if per_class.ndim else per_class
+    return clopper_pearson_upper(counts, counts.sum(axis=1, keepdims=True), per_class)
+
+
+def largest_other_upper(family: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """q̄ from a ``class_upper_family``: the largest bound over the classes other than ``exclude`` (M,)."""
+    others = np.array(family, dtype=np.float64)
+    others[np.arange(len(others)), np.asarray(exclude, dtype=np.int64)] = -np.inf
+    return others.max(axis=1)
 
 
 def pooled_groups(counts: np.ndarray, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,7 +158,8 @@ def goodman_upper(groups: np.ndarray, num_groups: np.ndarray, level: np.ndarray 
 def other_class_upper(
     counts: np.ndarray, exclude: np.ndarray, level: np.ndarray | float, fallback_class: np.ndarray
 ) -> np.ndarray:
-    """q̄: upper bound on the largest probability of any class other than ``exclude`` (method.md §4).
+    """Goodman q̄ (reference mode only): bound on the largest probability of any class other than
+    ``exclude`` as the published code computes it (method.md §4).
 
     counts: (M, C) estimation votes of one stage; exclude: (M,) the class set aside (ĉ_k of the
     deciding stage); level: one-sided miss probability of the whole family.
@@ -147,8 +173,8 @@ def other_class_upper(
     passes the *stage's own* selected class ĉ_j there, while method.md says ĉ_k (= ``exclude``).
     Only ĉ_k is a valid bound (1 - p̲(ĉ_k) bounds the total of all other classes); ĉ_j is what
     reproduces the reference. The reference parquet does not tell them apart (no certified image
-    there reaches the two-group case), so reference mode follows the published code; see
-    ``pipeline.stats.cascade`` for how union mode stays sound.
+    there reaches the two-group case), so reference mode follows the published code. Union mode does
+    not use this function: it reads q̄ from the exact ``class_upper_family``.
     """
     counts = np.asarray(counts, dtype=np.int64)
     rows = np.arange(counts.shape[0])

@@ -1,41 +1,62 @@
-"""The multi-scale certification cascade (method.md §4) and single-scale certification (§3).
+"""The multi-scale certification cascade (method.md §4, §4a-§4d) and single-scale certification (§3).
 
 Scales are ordered from the highest sigma. At stage k the Clopper-Pearson bounds [p̲_k, p̄_k] on the
-selected class ĉ_k decide: p̲_k >= p0 certifies ĉ_k, p̄_k >= p0 > p̲_k abstains (undecided), and
-p̄_k < p0 falls through to stage k+1. A certificate at stage k is capped by every earlier stage j:
-r = min(sigma_k (Φ⁻¹(p̲_k) - Φ⁻¹(p0)), min_j sigma_j (Φ⁻¹(p0) - Φ⁻¹(q̄_j))); r <= 0 abstains.
+selected class ĉ_k (from the selection votes) are computed from the estimation votes. A certificate
+at stage k has radius
+    r_k = min(sigma_k (Φ⁻¹(p̲_k) - Φ⁻¹(p0)), min_{j<k} sigma_j (Φ⁻¹(p0) - Φ⁻¹(q̄_j)))
+where q̄_j bounds every class but ĉ_k at stage j; r_k <= 0 issues nothing.
 
-Alpha split (``alpha_mode``)
+Why a certificate is correct
 ----------------------------
-The population cascade outputs, at the first stage where some class has probability > p0, that
-class. A certificate (ĉ_k, r) issued at stage k is correct (the population cascade outputs ĉ_k on
-the whole ball of radius r, since Φ⁻¹ of each class probability is 1/sigma-Lipschitz) when
-(i) p̲_k is below the true probability of ĉ_k at stage k, and (ii) for every earlier stage j < k,
-q̄_j is above the true probability of every class other than ĉ_k at stage j.
-Which stage decides is random, so ``"union"`` (the default) covers every interval any certificate
-could rely on: the K Clopper-Pearson lower bounds, plus one Goodman family for every pair j < k
-(the class set aside, ĉ_k, depends on the deciding stage k). That is T = K + K(K-1)/2 = K(K+1)/2
-intervals, each at one-sided level alpha / T (alpha/6 for three scales); by the union bound they all
-hold together with probability >= 1 - alpha, and then every certificate the cascade issues is
-correct. ĉ_k comes from the selection votes, which are independent of the estimation votes the
-intervals use, so each interval keeps its level given ĉ_k. The upper bounds p̄_k only route images
-(undecided or fall through) and need no coverage; they use the same level alpha / T. Because
-alpha / T <= alpha / k, every union bound is at least as wide as its reference counterpart, so a
-union certificate is also a reference certificate of the same class with a radius at least as
-large. ``"reference"`` reproduces the published code: stage k (1-based) uses alpha / k for its
-bounds and for the caps it computes from every earlier stage; it carries no joint guarantee (at an
-input on the sigma=1.0 decision boundary jobs/coverage.py measures a violation rate above alpha:
-a stage-1 false certificate and a fall-through followed by a too-large stage-1 cap add up).
-Caveat for both: the Goodman bound is a chi-square approximation and the pooling of small
-classes depends on the data, so (ii) holds at its level only approximately; (i) is exact.
+The population cascade G outputs, at the first stage where some class has probability > p0, that
+class. With p0 >= 1/2 at most one class can exceed p0 (§4d), so G is well defined, and Φ⁻¹ of each
+class probability is 1/sigma-Lipschitz in the input. Hence, if (i) p̲_k is below the true probability
+of ĉ_k at stage k and (ii) for every j < k, q̄_j is above the true probability of every class other
+than ĉ_k at stage j, then on the open ball of radius r_k no class but ĉ_k exceeds p0 at any stage
+j < k, and ĉ_k exceeds p0 at stage k: G outputs ĉ_k on the whole ball. This holds for every stage k
+whose lower bound clears p0, whether or not that stage was the one to speak.
 
-The two-group case of q̄ (see ``pipeline.stats.bounds.other_class_upper``): the published code uses
-1 - p̲ of stage j's own class ĉ_j, which is not a bound on the classes other than ĉ_k; the valid
-bound is 1 - p̲ of ĉ_k. Reference mode follows the code; union mode takes the larger of the two,
-which is still a valid upper bound (no extra interval needed) and keeps union no more permissive
-than reference. When p0 <= 1/2 this case never certifies in either mode: stage j fell through and
-the cap's level is at most stage j's own, so p̲_j(ĉ_j) <= p̄_j(ĉ_j) < p0, hence
-1 - p̲_j(ĉ_j) > 1 - p0 >= p0 and the cap is negative.
+Union mode: exact caps, 2K-1 intervals (``alpha_mode="union"``, §4a)
+---------------------------------------------------------------------
+q̄_j is read from one exact family per stage j: the Clopper-Pearson upper bound of every class's
+share of stage j's estimation votes at level a/C (Bonferroni over the C classes,
+``pipeline.stats.bounds.class_upper_family``), maximized over the classes != ĉ_k. The family does not
+depend on k, so it serves every later stage. The intervals any certificate can use are the K lower
+bounds and the families of stages 1..K-1: T = 2K-1 intervals, each at a = alpha / T. Let E be the
+event that all T hold; by the union bound P(E) >= 1 - alpha. ĉ_k comes from the selection votes,
+which are independent of the estimation votes, so each interval keeps its level given ĉ_k.
+
+Routing needs no coverage (§4b)
+-------------------------------
+On E, (i) and (ii) hold for every k at once, so every capped certificate with r_k > 0 is correct
+simultaneously. Which stages are sampled and which one speaks may therefore depend on the data in
+any way; ``routing`` picks it (union mode only):
+
+- ``"cascade"``: as published. p̲_k >= p0 speaks (certifies, or abstains when r_k <= 0),
+  p̄_k >= p0 > p̲_k abstains (undecided), p̄_k < p0 falls through; after stage K, abstain.
+- ``"continue"``: a stage that issues no certificate (undecided, fall-through, or r_k <= 0) passes
+  the image on; the first positive r_k is issued. It issues every certificate ``"cascade"`` issues,
+  with the same radius, and more.
+- ``"best"``: every stage is sampled and the largest positive r_k is issued.
+
+The upper bounds p̄_k only route, need no coverage, and use the level a as well.
+
+Reference mode (``alpha_mode="reference"``)
+-------------------------------------------
+Reproduces the published code: stage k (1-based) uses alpha / k for its bounds and for the Goodman
+caps it computes from every earlier stage, and routes as ``"cascade"``. There is no event like E
+(its levels do not sum to alpha, and Goodman is a chi-square approximation with data-dependent
+pooling), so it carries no guarantee: tests/test_coverage.py exhibits an input where its
+certificate is wrong with probability above alpha. In the two-group case of its Goodman cap
+(``pipeline.stats.bounds.other_class_upper``) it follows the published code and bounds the other
+classes by 1 - p̲ of stage j's own class ĉ_j.
+
+What is guaranteed (§4c)
+------------------------
+Per image: in union mode its certificate is wrong with probability at most alpha over that image's
+Monte-Carlo noise. Images draw independent noise, so a run of M images has at most alpha·M wrong
+certificates in expectation; all of them hold jointly with probability >= 1 - alpha only when each
+image is run at alpha / M (``--family-wise``).
 
 Radius exactly 0: method.md says r <= 0 abstains, the published code abstains only on r < 0. The
 reference parquet holds no zero radius, so both modes follow method.md (r <= 0 abstains).
@@ -49,7 +70,13 @@ from typing import Literal, Sequence
 import numpy as np
 from scipy.special import ndtri
 
-from pipeline.stats.bounds import clopper_pearson_lower, clopper_pearson_upper, other_class_upper
+from pipeline.stats.bounds import (
+    class_upper_family,
+    clopper_pearson_lower,
+    clopper_pearson_upper,
+    largest_other_upper,
+    other_class_upper,
+)
 from pipeline.errors import UserError
 
 AlphaMode = Literal["union", "reference"]
@@ -64,19 +91,20 @@ class CascadeResult:
 
     prediction: np.ndarray  # int64 (M,), -1 = abstain
     radius: np.ndarray  # float64 (M,), 0.0 when abstaining
-    stage: np.ndarray  # int64 (M,), index of the deciding stage; -1 when every stage fell through
+    stage: np.ndarray  # int64 (M,), index of the stage that spoke (certificate, or cascade abstention); -1 if none
 
 
 def stage_levels(num_scales: int, alpha: float, alpha_mode: AlphaMode) -> np.ndarray:
-    """One-sided level per stage, (K,): stage k uses it for its Clopper-Pearson bounds and for the
-    caps it computes from earlier stages. Union: alpha / (K(K+1)/2) everywhere; reference: alpha / k
-    (k = 1..K). See the module docstring for why."""
+    """One-sided level per stage, (K,). Union: a = alpha / (2K - 1) everywhere, for the lower bound,
+    the routing upper bound and the exact cap family of every stage (2K - 1 intervals can be used);
+    reference: alpha / k at stage k (k = 1..K) for its bounds and for the caps it computes. See the
+    module docstring for why."""
     if num_scales < 1:
         raise UserError(f"need at least one scale, got {num_scales}")
     if not 0.0 < alpha < 1.0:
         raise UserError(f"alpha must lie strictly between 0 and 1, got {alpha}")
     if alpha_mode == "union":
-        return np.full(num_scales, alpha / (num_scales * (num_scales + 1) / 2))
+        return np.full(num_scales, alpha / (2 * num_scales - 1))
     if alpha_mode == "reference":
         return alpha / np.arange(1, num_scales + 1, dtype=np.float64)
     raise UserError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}, got {alpha_mode!r}")
@@ -101,9 +129,19 @@ def _check_pair(select_counts: np.ndarray, estimate_counts: np.ndarray) -> tuple
     return select, estimate
 
 
-def _check_p0(p0: float) -> None:
-    if not 0.0 < p0 < 1.0:
-        raise UserError(f"p0 must lie strictly between 0 and 1, got {p0}")
+def check_p0(p0: float) -> None:
+    """p0 in [1/2, 1): below 1/2 two classes could exceed p0 and the radius formula fails (§4d)."""
+    if not 0.5 <= p0 < 1.0:
+        raise UserError(f"p0 must lie in [0.5, 1) (below 1/2 the certificate is not unique), got {p0}")
+
+
+def check_routing(routing: Routing, alpha_mode: AlphaMode) -> None:
+    """Only union mode has the joint event that makes every routing valid (module docstring)."""
+    if routing not in ROUTINGS:
+        raise UserError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    if alpha_mode == "reference" and routing != "cascade":
+        raise UserError(f"routing {routing!r} needs union alpha mode; reference mode keeps the published "
+                        "cascade rule")
 
 
 def _stage_bounds(
@@ -122,14 +160,61 @@ def _stage_bounds(
     return selected, clopper_pearson_lower(votes, n, level), clopper_pearson_upper(votes, n, level)
 
 
-def _earlier_stage_upper(
+def _cap_upper(
     estimate: np.ndarray, chat_k: np.ndarray, chat_j: np.ndarray, level: float, alpha_mode: AlphaMode
 ) -> np.ndarray:
-    """q̄_j with ĉ_k set aside; the two-group fallback class differs by mode (module docstring)."""
-    as_published = other_class_upper(estimate, chat_k, level, fallback_class=chat_j)
-    if alpha_mode == "reference":
-        return as_published
-    return np.maximum(as_published, other_class_upper(estimate, chat_k, level, fallback_class=chat_k))
+    """q̄_j with ĉ_k set aside: the exact per-class family (union) or Goodman as published (reference)."""
+    if alpha_mode == "union":
+        return largest_other_upper(class_upper_family(estimate, level), chat_k)
+    return other_class_upper(estimate, chat_k, level, fallback_class=chat_j)
+
+
+def _capped_radius(
+    estimate: np.ndarray, selected_all: np.ndarray, rows: np.ndarray, k: int, chat: np.ndarray,
+    lower: np.ndarray, sigmas: np.ndarray, level: float, alpha_mode: AlphaMode, p0: float,
+) -> np.ndarray:
+    """r_k of `rows` (whose p̲_k >= p0), capped by every earlier stage, whatever that stage decided."""
+    r = sigmas[k] * (ndtri(lower) - ndtri(p0))
+    for j in range(k):
+        q = _cap_upper(estimate[rows, j], chat, selected_all[rows, j], level, alpha_mode)
+        r = np.minimum(r, sigmas[j] * (ndtri(p0) - ndtri(q)))
+    return r
+
+
+def _route(
+    select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, levels: np.ndarray, alpha_mode: AlphaMode,
+    p0: float, routing: Routing, stage_names: Sequence[str],
+) -> tuple[CascadeResult, np.ndarray]:
+    """Walk the stages given under `routing`: the certificates so far and (M,) whether an image goes
+    on to the next stage. The one implementation behind certify_cascade and needs_next_stage.
+
+    Whether r_k > 0 does not depend on the sigmas (they scale every term of the min by a positive
+    factor), so the routing of a prefix of stages needs only the number of scales (for the levels).
+    """
+    num_images = select.shape[0]
+    prediction = np.full(num_images, -1, dtype=np.int64)
+    radius = np.zeros(num_images, dtype=np.float64)
+    stage = np.full(num_images, -1, dtype=np.int64)
+    selected_all = np.argmax(select, axis=2)
+    pending = np.ones(num_images, dtype=bool)
+    for k in range(select.shape[1]):
+        rows = np.flatnonzero(pending)
+        if rows.size == 0:
+            break
+        selected, lower, upper = _stage_bounds(select[rows, k], estimate[rows, k], levels[k], stage_names[k])
+        clears = lower >= p0
+        r = np.zeros(rows.size)
+        r[clears] = _capped_radius(estimate, selected_all, rows[clears], k, selected[clears], lower[clears],
+                                   sigmas, levels[k], alpha_mode, p0)
+        issue = (r > 0) & (r > radius[rows])  # radius[rows] is 0 except under "best"
+        prediction[rows[issue]], radius[rows[issue]], stage[rows[issue]] = selected[issue], r[issue], k
+        if routing == "cascade":
+            speaks = clears | (upper >= p0)
+            stage[rows[speaks]] = k
+            pending[rows[speaks]] = False
+        elif routing == "continue":
+            pending[rows[issue]] = False
+    return CascadeResult(prediction=prediction, radius=radius, stage=stage), pending
 
 
 def certify_cascade(
@@ -139,12 +224,16 @@ def certify_cascade(
     alpha: float,
     alpha_mode: AlphaMode = "union",
     p0: float = 0.5,
+    routing: Routing = "cascade",
 ) -> CascadeResult:
-    """Certify every image with the cascade over ``sigmas`` (strictly decreasing).
+    """Certify every image with the cascade over ``sigmas`` (strictly decreasing) under ``routing``.
 
     select_counts, estimate_counts: (M, K, C) votes per image, scale (in ``sigmas`` order), class.
-    n may differ per image and scale. Stages the cascade never consults for an image may be all
-    zeros (early exit left them unsampled); a needed stage without votes raises UserError.
+    n may differ per image and scale. Stages the routing never consults for an image may be all
+    zeros (early exit with the same routing left them unsampled); a needed stage without votes
+    raises UserError. Union mode: each image's certificate is wrong with probability <= alpha, for
+    every routing (module docstring). ``stage`` is the stage that spoke: the certifying one, under
+    "cascade" also the one that abstained (undecided, or r <= 0); -1 when none did.
     """
     select, estimate = _check_pair(select_counts, estimate_counts)
     sigmas = np.asarray(sigmas, dtype=np.float64)
@@ -152,64 +241,11 @@ def certify_cascade(
         raise UserError(f"got {sigmas.size} sigma(s) for counts with {select.shape[1]} scale(s)")
     if np.any(sigmas <= 0) or np.any(np.diff(sigmas) >= 0):
         raise UserError(f"sigmas must be positive and strictly decreasing, got {sigmas.tolist()}")
-    _check_p0(p0)
+    check_p0(p0)
     levels = stage_levels(len(sigmas), alpha, alpha_mode)
-
-    num_images = select.shape[0]
-    prediction = np.full(num_images, -1, dtype=np.int64)
-    radius = np.zeros(num_images, dtype=np.float64)
-    stage = np.full(num_images, -1, dtype=np.int64)
-    selected_all = np.argmax(select, axis=2)
-    pending = np.ones(num_images, dtype=bool)
-    for k, sigma in enumerate(sigmas):
-        rows = np.flatnonzero(pending)
-        if rows.size == 0:
-            break
-        selected, lower, upper = _stage_bounds(
-            select[rows, k], estimate[rows, k], levels[k], f"scale sigma={sigma:g}"
-        )
-        certified = lower >= p0
-        decided = certified | (upper >= p0)
-        stage[rows[decided]] = k
-        pending[rows[decided]] = False
-
-        cert_rows, cert_class = rows[certified], selected[certified]
-        r = sigma * (ndtri(lower[certified]) - ndtri(p0))
-        for j in range(k):
-            q = _earlier_stage_upper(
-                estimate[cert_rows, j], cert_class, selected_all[cert_rows, j], levels[k], alpha_mode
-            )
-            r = np.minimum(r, sigmas[j] * (ndtri(p0) - ndtri(q)))
-        positive = r > 0
-        prediction[cert_rows[positive]] = cert_class[positive]
-        radius[cert_rows[positive]] = r[positive]
-    return CascadeResult(prediction=prediction, radius=radius, stage=stage)
-
-
-def undecided_mask(
-    select_counts: np.ndarray,
-    estimate_counts: np.ndarray,
-    num_scales: int,
-    alpha: float,
-    alpha_mode: AlphaMode = "union",
-    p0: float = 0.5,
-) -> np.ndarray:
-    """(M,) True where the first k stages given, (M, k, C), all fell through, so that stage k+1 must
-    be sampled (early exit). Uses the levels ``certify_cascade`` uses with ``num_scales`` scales, so
-    an image it marks decided never needs a later stage there."""
-    select, estimate = _check_pair(select_counts, estimate_counts)
-    if select.shape[1] > num_scales:
-        raise UserError(f"got votes for {select.shape[1]} stages of a {num_scales}-scale cascade")
-    _check_p0(p0)
-    levels = stage_levels(num_scales, alpha, alpha_mode)
-    pending = np.ones(select.shape[0], dtype=bool)
-    for k in range(select.shape[1]):
-        rows = np.flatnonzero(pending)
-        _, lower, upper = _stage_bounds(
-            select[rows, k], estimate[rows, k], levels[k], f"stage {k + 1} of {num_scales}"
-        )
-        pending[rows[(lower >= p0) | (upper >= p0)]] = False
-    return pending
+    check_routing(routing, alpha_mode)
+    names = [f"scale sigma={sigma:g}" for sigma in sigmas]
+    return _route(select, estimate, sigmas, levels, alpha_mode, p0, routing, names)[0]
 
 
 def needs_next_stage(
@@ -222,10 +258,58 @@ def needs_next_stage(
     routing: Routing = "cascade",
 ) -> np.ndarray:
     """(M,) True where an image whose first k stages are given, (M, k, C), must be sampled at stage
-    k+1 under `routing`: the one rule the sampling strategies (early exit) and the resume share."""
-    if routing == "cascade":
-        return undecided_mask(select_counts, estimate_counts, num_scales, alpha, alpha_mode, p0)
-    raise UserError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+    k+1 under `routing`: the one rule the sampling strategies (early exit) and the resume share.
+
+    cascade: every stage so far fell through; continue: no stage so far issued a certificate with
+    positive capped radius; best: always. Uses the levels ``certify_cascade`` uses with
+    ``num_scales`` scales, so an image it stops never needs a later stage there.
+    """
+    select, estimate = _check_pair(select_counts, estimate_counts)
+    if select.shape[1] > num_scales:
+        raise UserError(f"got votes for {select.shape[1]} stages of a {num_scales}-scale cascade")
+    check_p0(p0)
+    levels = stage_levels(num_scales, alpha, alpha_mode)
+    check_routing(routing, alpha_mode)
+    names = [f"stage {k + 1} of {num_scales}" for k in range(num_scales)]
+    ones = np.ones(num_scales)  # r > 0 does not depend on the sigmas (_route)
+    return _route(select, estimate, ones, levels, alpha_mode, p0, routing, names)[1]
+
+
+def undecided_mask(
+    select_counts: np.ndarray,
+    estimate_counts: np.ndarray,
+    num_scales: int,
+    alpha: float,
+    alpha_mode: AlphaMode = "union",
+    p0: float = 0.5,
+) -> np.ndarray:
+    """(M,) True where the first k stages given, (M, k, C), all fell through: ``needs_next_stage``
+    under the published "cascade" routing."""
+    return needs_next_stage(select_counts, estimate_counts, num_scales, alpha, alpha_mode, p0, "cascade")
+
+
+def needed_stages(
+    select_counts: np.ndarray,
+    estimate_counts: np.ndarray,
+    present: np.ndarray,
+    alpha: float,
+    alpha_mode: AlphaMode = "union",
+    p0: float = 0.5,
+    routing: Routing = "cascade",
+) -> np.ndarray:
+    """(M, K) True where `routing` needs stage k of an image, as far as the stages present (M, K)
+    tell: a stage after one that is needed but absent is unknown and left False. Reduce and certify
+    report images needing an absent stage instead of certifying the others alone; on all-scales
+    counts the row sums are the scales early exit would sample."""
+    select, estimate = _check_pair(select_counts, estimate_counts)
+    num_scales = select.shape[1]
+    needed = np.zeros(select.shape[:2], dtype=bool)
+    needed[:, 0] = True
+    for k in range(1, num_scales):
+        rows = np.flatnonzero(needed[:, k - 1] & present[:, k - 1])
+        needed[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], num_scales, alpha, alpha_mode, p0,
+                                           routing)
+    return needed
 
 
 def certify_single_scale(

@@ -69,13 +69,31 @@ def _parquet_files(path: Path) -> list[Path]:
 
 def read_counts(path: str | Path) -> pa.Table:
     """Read a counts Parquet file or directory, checking the schema; bad input → one UserError line."""
-    files = _parquet_files(Path(path))
-    try:
-        table = pads.dataset([str(f) for f in files], format="parquet", partitioning=None).to_table()
-    except (pa.ArrowInvalid, OSError) as error:
-        raise UserError(f"cannot read counts Parquet under {path}: {str(error).splitlines()[0]}") from error
-    validate_counts_schema(table.schema, str(path))
-    return table.select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA)
+    table, unreadable = read_counts_reporting(path)
+    if unreadable:
+        raise UserError(f"cannot read counts Parquet under {path}: {unreadable[0]}")
+    return table
+
+
+def read_counts_reporting(path: str | Path) -> tuple[pa.Table, list[str]]:
+    """Like read_counts, but a directory's unreadable files are returned by name (with the error)
+    instead of failing the read, so that the reduce can name them beside the images they held. A
+    single unreadable file is still an error: there is nothing else to reduce."""
+    location = Path(path)
+    files = _parquet_files(location)
+    tables, unreadable = [], []
+    for file in files:
+        try:
+            table = pads.dataset(str(file), format="parquet", partitioning=None).to_table()
+        except (pa.ArrowInvalid, OSError) as error:
+            if location.is_file():
+                raise UserError(f"cannot read counts Parquet under {path}: {str(error).splitlines()[0]}") from error
+            unreadable.append(f"{file.name} ({str(error).splitlines()[0]})")
+            continue
+        validate_counts_schema(table.schema, str(file if location.is_dir() else path))
+        tables.append(table.select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA))
+    table = pa.concat_tables(tables) if tables else COUNTS_SCHEMA.empty_table()
+    return table, unreadable
 
 
 def validate_counts_schema(schema: pa.Schema, where: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.stats.cascade import needs_next_stage
+from pipeline.stats.cascade import certify_cascade, needs_next_stage
 from pipeline.app.certify import CertifyRequest, certify
 from pipeline.app.args import build_parser, request_from_args
 from pipeline.store.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
@@ -67,21 +68,40 @@ def test_counts_do_not_depend_on_actors_or_batching(all_scales_run, tmp_path):
     assert sorted_counts(tmp_path).equals(sorted_counts(all_scales_run))
 
 
-def test_early_exit_samples_only_undecided_images(all_scales_run, tmp_path):
-    early_exit = request(tmp_path)
-    certify(early_exit)
+@pytest.mark.parametrize("routing", ["cascade", "continue"])
+def test_early_exit_samples_only_the_images_the_routing_sends_on(all_scales_run, tmp_path, routing):
+    certify(request(tmp_path, "--routing", routing))
     early = counts_to_arrays(sorted_counts(tmp_path), SIGMAS)
     full = counts_to_arrays(sorted_counts(all_scales_run), SIGMAS)
     np.testing.assert_array_equal(early.present[:, 0], True)
+    reached = np.ones(len(full.image_ids), dtype=bool)
     for stage in (1, 2):
-        routed = needs_next_stage(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3, 0.001,
-                                  "union", 0.5, early_exit.sampling.routing)
-        np.testing.assert_array_equal(early.present[:, stage], routed)
+        reached &= needs_next_stage(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3, 0.001,
+                                    routing=routing)
+        np.testing.assert_array_equal(early.present[:, stage], reached)
+        np.testing.assert_array_equal(early.estimate_counts[reached, stage], full.estimate_counts[reached, stage])
     # every (image, sigma) both strategies sampled has the same counts (same seed, same noise)
     np.testing.assert_array_equal(early.select_counts[early.present], full.select_counts[early.present])
     np.testing.assert_array_equal(early.estimate_counts[early.present], full.estimate_counts[early.present])
-    # the cascade result is the same whether or not the unused scales were sampled
-    assert pq.read_table(tmp_path / "results.parquet").equals(pq.read_table(all_scales_run / "results.parquet"))
+    # the certificates are those of the same routing on the all-scales counts
+    expected = certify_cascade(full.select_counts, full.estimate_counts, SIGMAS, 0.001, routing=routing)
+    results = pq.read_table(tmp_path / "results.parquet")
+    np.testing.assert_array_equal(results["prediction"].to_numpy(), expected.prediction)
+    np.testing.assert_array_equal(results["radius"].to_numpy(), expected.radius)
+    assert f"routing: {routing}" in (tmp_path / "report.md").read_text()
+
+
+def test_family_wise_runs_every_image_at_alpha_over_m_and_says_so(all_scales_run, tmp_path):
+    certify(request(tmp_path, "--all-scales", "--family-wise", "--alpha", "0.012"))
+    config = json.loads((tmp_path / "run_config.json").read_text())
+    assert config["family_wise"] and config["user_alpha"] == 0.012 and config["alpha"] == pytest.approx(0.001)
+    report = (tmp_path / "report.md").read_text()
+    assert "family-wise over 12 images: per image alpha/M=0.001" in report
+    # alpha / M = 0.001 is the default per-image level: the same certificates as the plain run
+    family, plain = pq.read_table(tmp_path / "results.parquet"), pq.read_table(all_scales_run / "results.parquet")
+    np.testing.assert_array_equal(family["prediction"].to_numpy(), plain["prediction"].to_numpy())
+    np.testing.assert_allclose(family["radius"].to_numpy(), plain["radius"].to_numpy(), rtol=1e-9)
+    assert "per image at alpha=0.001" in (all_scales_run / "report.md").read_text()
 
 
 def run_job(*args: str) -> subprocess.CompletedProcess:
@@ -94,6 +114,8 @@ def run_job(*args: str) -> subprocess.CompletedProcess:
     (["--sigmas", "0.5,x"], "--sigmas"),
     (["--sigmas", "0.5,-0.25"], "positive"),
     (["--alpha", "2"], "--alpha"),
+    (["--p0", "0.4"], "p0 must lie in [0.5, 1)"),
+    (["--alpha-mode", "reference", "--routing", "continue"], "--routing continue needs union mode"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(flags, message, tmp_path):
     done = run_job(*flags, "--out", str(tmp_path / "o"))
@@ -156,3 +178,9 @@ def test_adaptive_is_refused_with_all_scales_and_in_predict(tmp_path):
     done = subprocess.run([sys.executable, "jobs/predict.py", "--adaptive", "--out", str(tmp_path / "p")],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "--adaptive" in done.stderr
+
+
+def test_predict_refuses_p0_below_one_half(tmp_path):
+    done = subprocess.run([sys.executable, "jobs/predict.py", "--p0", "0.3", "--out", str(tmp_path / "p")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "p0 must lie in" in done.stderr

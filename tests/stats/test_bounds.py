@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import binom
+from scipy.stats import binom, multinomial
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
 from pipeline.stats.bounds import (
+    class_upper_family,
     clopper_pearson_lower,
     clopper_pearson_upper,
     goodman_upper,
+    largest_other_upper,
     other_class_upper,
     pooled_groups,
 )
@@ -165,3 +167,71 @@ def test_other_class_upper_two_groups_falls_back_to_clopper_pearson_of_the_given
             for r in range(2)
         ]
         np.testing.assert_allclose(q, 1 - np.array(lower), rtol=1e-13)
+
+
+# ---------------------------------------------------------------- exact miss rates (binomial law, no Monte Carlo)
+
+
+def lower_miss_rate(n: int, p: np.ndarray, level: float) -> np.ndarray:
+    """P[p̲(K) > p] for K ~ Bin(n, p), summed exactly over every outcome k."""
+    k = np.arange(n + 1)
+    misses = clopper_pearson_lower(k, n, level)[None, :] > p[:, None]
+    return (binom.pmf(k[None, :], n, p[:, None]) * misses).sum(axis=1)
+
+
+def upper_miss_rate(n: int, p: np.ndarray, level: float) -> np.ndarray:
+    k = np.arange(n + 1)
+    misses = clopper_pearson_upper(k, n, level)[None, :] < p[:, None]
+    return (binom.pmf(k[None, :], n, p[:, None]) * misses).sum(axis=1)
+
+
+@pytest.mark.parametrize("n", [10, 100, 1000])
+@pytest.mark.parametrize("level", [0.2, 0.02, 1e-4])
+def test_clopper_pearson_miss_rate_is_at_most_its_level_and_reaches_it(n: int, level: float) -> None:
+    """The miss rate is a step function of p: at most `level` everywhere, and it reaches `level` just
+    below each bound value (p̲(k) is the p with P[Bin(n, p) >= k] = level), so the level is exact."""
+    grid = np.linspace(1e-6, 1 - 1e-6, 2001)
+    assert lower_miss_rate(n, grid, level).max() <= level * (1 + 1e-9)
+    assert upper_miss_rate(n, grid, level).max() <= level * (1 + 1e-9)
+    k = np.arange(1, n + 1)
+    just_below = clopper_pearson_lower(k, n, level) * (1 - 1e-9)
+    np.testing.assert_allclose(lower_miss_rate(n, just_below, level), level, rtol=1e-5)
+    just_above = 1 - (1 - clopper_pearson_upper(k - 1, n, level)) * (1 - 1e-9)
+    np.testing.assert_allclose(upper_miss_rate(n, just_above, level), level, rtol=1e-5)
+
+
+def multinomial_outcomes(n: int, num_classes: int) -> np.ndarray:
+    """Every vote vector of n votes over num_classes classes, (outcomes, C)."""
+    if num_classes == 1:
+        return np.array([[n]])
+    return np.concatenate([np.column_stack([np.full(len(rest), first), rest])
+                           for first in range(n + 1) for rest in [multinomial_outcomes(n - first, num_classes - 1)]])
+
+
+@pytest.mark.parametrize("probabilities", [[0.5, 0.3, 0.2], [0.34, 0.33, 0.33], [0.9, 0.05, 0.05], [0.6, 0.4, 0.0]])
+def test_class_upper_family_holds_jointly_with_probability_one_minus_level(probabilities) -> None:
+    """Exact, by enumerating every multinomial outcome: all C bounds hold together with probability
+    >= 1 - level; each class alone misses with its binomial rate at level / C (Bonferroni)."""
+    n, level = 40, 0.3
+    p = np.array(probabilities)
+    outcomes = multinomial_outcomes(n, len(p))
+    weights = multinomial.pmf(outcomes, n, p)
+    assert weights.sum() == pytest.approx(1.0)
+    misses = class_upper_family(outcomes, level) < p[None, :]
+    joint = weights[misses.any(axis=1)].sum()
+    assert joint <= level
+    for c in range(len(p)):
+        assert weights[misses[:, c]].sum() == pytest.approx(upper_miss_rate(n, p[c:c + 1], level / 3)[0], rel=1e-9)
+    # q̄ for any excluded class bounds every other class whenever the family holds
+    holds = ~misses.any(axis=1)
+    for exclude in range(len(p)):
+        q = largest_other_upper(class_upper_family(outcomes[holds], level), np.full(holds.sum(), exclude))
+        assert np.all(q >= np.delete(p, exclude).max())
+
+
+def test_class_upper_family_matches_statsmodels_per_class() -> None:
+    counts = np.array([[700, 290, 3, 7], [0, 0, 10, 990]])
+    family = class_upper_family(counts, 0.004)
+    expected = proportion_confint(counts, counts.sum(axis=1, keepdims=True), alpha=2 * 0.001, method="beta")[1]
+    np.testing.assert_allclose(family, expected, rtol=1e-12)
+    np.testing.assert_array_equal(largest_other_upper(family, np.array([0, 3])), [family[0, 1], family[1, 2]])

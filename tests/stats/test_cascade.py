@@ -8,7 +8,14 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
-from pipeline.stats.cascade import certify_cascade, certify_single_scale, stage_levels, undecided_mask
+from pipeline.stats.cascade import (
+    certify_cascade,
+    certify_single_scale,
+    needed_stages,
+    needs_next_stage,
+    stage_levels,
+    undecided_mask,
+)
 from pipeline.errors import UserError
 
 SIGMAS = (1.0, 0.5, 0.25)
@@ -45,29 +52,46 @@ def off_class_upper(estimate: np.ndarray, own_class: int, level: float, c: int) 
     return multinomial_proportions_confint(groups, alpha=2 * level)[1:, 1].max()
 
 
+def exact_cap_upper(estimate: np.ndarray, level: float, c: int) -> float:
+    """Union mode's q̄ of one stage: Clopper-Pearson upper bounds on every class at level / C, max over
+    the classes other than c."""
+    uppers = [cp(votes, estimate.sum(), level / len(estimate))[1] for votes in estimate]
+    return max(u for i, u in enumerate(uppers) if i != c)
+
+
+def stage_certificate(sigmas, k: int, low: float, chat: int, earlier, level: float, mode: str, p0: float) -> float:
+    """The capped radius r_k of a stage whose p̲ clears p0 (method.md §4, §4a)."""
+    radius = sigmas[k] * (norm.ppf(low) - norm.ppf(p0))
+    for sigma_j, estimate_j, chat_j in earlier:
+        if mode == "reference":
+            q = off_class_upper(estimate_j, chat_j, level, chat)
+        else:
+            q = exact_cap_upper(estimate_j, level, chat)
+        radius = min(radius, sigma_j * (norm.ppf(p0) - norm.ppf(q)))
+    return radius
+
+
 def cascade_one_image(
-    select: np.ndarray, estimate: np.ndarray, sigmas, alpha: float, mode: str, p0: float = 0.5
+    select: np.ndarray, estimate: np.ndarray, sigmas, alpha: float, mode: str, p0: float = 0.5,
+    routing: str = "cascade",
 ):
-    """The published certify loop for one image (reference mode), and the same loop with the union
-    levels and the union two-group rule (max over the ĉ_j and ĉ_k fallbacks). r <= 0 abstains."""
+    """The published certify loop for one image (reference mode: alpha/k, Goodman caps), and union
+    mode's (alpha/(2K-1), exact per-class caps) under each routing. r <= 0 issues nothing."""
     num_scales = len(sigmas)
-    earlier = []
+    earlier, best = [], (-1, 0.0, -1)
     for k in range(num_scales):
-        level = alpha / (k + 1) if mode == "reference" else alpha / (num_scales * (num_scales + 1) / 2)
+        level = alpha / (k + 1) if mode == "reference" else alpha / (2 * num_scales - 1)
         chat = int(np.argmax(select[k]))
         low, high = cp(estimate[k][chat], estimate[k].sum(), level)
-        if low >= p0:
-            radius = sigmas[k] * (norm.ppf(low) - norm.ppf(p0))
-            for sigma_j, estimate_j, chat_j in earlier:
-                q = off_class_upper(estimate_j, chat_j, level, chat)
-                if mode == "union":
-                    q = max(q, off_class_upper(estimate_j, chat, level, chat))
-                radius = min(radius, sigma_j * (norm.ppf(p0) - norm.ppf(q)))
-            return (chat, radius, k) if radius > 0 else (-1, 0.0, k)
-        if high >= p0:
-            return -1, 0.0, k
+        radius = stage_certificate(sigmas, k, low, chat, earlier, level, mode, p0) if low >= p0 else 0.0
+        if radius > best[1]:
+            best = (chat, radius, k)
+        if routing == "cascade" and (low >= p0 or high >= p0):
+            return best if radius > 0 else (-1, 0.0, k)
+        if routing == "continue" and radius > 0:
+            return best
         earlier.append((sigmas[k], estimate[k], chat))
-    return -1, 0.0, -1
+    return best
 
 
 def single_image(select: list[list[int]], estimate: list[list[int]], mode: str = "reference", p0: float = 0.5):
@@ -113,7 +137,11 @@ def test_cap_from_an_earlier_stage_binds(mode: str) -> None:
     prediction, radius, stage = single_image(select, estimate, mode)
     level = stage_levels(3, ALPHA, mode)[1]
     own = 0.5 * norm.ppf(cp(10000, 10000, level)[0])
-    cap = 1.0 * -norm.ppf(multinomial_proportions_confint([3000, 4500, 2500], alpha=2 * level)[1:, 1].max())
+    if mode == "reference":  # Goodman over the groups other than class 1
+        q = multinomial_proportions_confint([3000, 4500, 2500], alpha=2 * level)[1:, 1].max()
+    else:  # the exact family: class 0's Clopper-Pearson upper bound at level / 4 is the largest
+        q = cp(4500, 10000, level / 4)[1]
+    cap = 1.0 * -norm.ppf(q)
     assert (prediction, stage) == (1, 1)
     assert cap < own and radius == pytest.approx(cap, rel=1e-12)
 
@@ -130,18 +158,20 @@ def test_negative_cap_abstains_at_the_certifying_stage(mode: str) -> None:
     assert single_image(select, estimate, mode) == (-1, 0.0, 1)
 
 
-@pytest.mark.parametrize("mode", ["union", "reference"])
-def test_two_group_cap_uses_the_published_fallback_class(mode: str) -> None:
+def test_two_group_cap_uses_the_published_fallback_class_in_reference_mode_only() -> None:
     # Stage 1 selected class 0 although class 1 holds 97.8% of its votes; pooling leaves two groups
     # [978, 22] once class 1 (certified at stage 2) is set aside. The published code bounds the
-    # others by 1 - p̲(ĉ_1 = class 0) ≈ 0.99: negative cap, abstain. 1 - p̲(class 1) alone would
-    # certify; union mode takes the larger of the two so that it never certifies what reference
-    # does not (pipeline.stats.cascade docstring).
+    # others by 1 - p̲(ĉ_1 = class 0) ≈ 0.99: negative cap, abstain. Union mode's exact family
+    # bounds class 0 (20 votes) by about 3.5%: a positive cap, so it certifies class 1.
     select = [[60, 40, 0, 0], [0, 100, 0, 0], ZERO]
     estimate = [[20, 978, 2, 0], [0, 1000, 0, 0], ZERO]
     assert reduce_counts(np.array(estimate[0]), 1) == [978, 22]
-    assert 1.0 - cp(978, 1000, stage_levels(3, ALPHA, mode)[1])[0] < 0.5
-    assert single_image(select, estimate, mode) == (-1, 0.0, 1)
+    assert single_image(select, estimate, "reference") == (-1, 0.0, 1)
+    prediction, radius, stage = single_image(select, estimate, "union")
+    level = stage_levels(3, ALPHA, "union")[1]
+    own = 0.5 * norm.ppf(cp(1000, 1000, level)[0])
+    cap = -norm.ppf(exact_cap_upper(np.array(estimate[0]), level, 1))
+    assert (prediction, stage) == (1, 1) and radius == pytest.approx(min(own, cap), rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["union", "reference"])
@@ -162,12 +192,12 @@ def test_falls_through_every_stage(mode: str) -> None:
 
 
 def test_stage_levels_split_alpha_as_documented() -> None:
-    np.testing.assert_allclose(stage_levels(3, 0.006, "union"), [0.001, 0.001, 0.001])
+    np.testing.assert_allclose(stage_levels(3, 0.005, "union"), [0.001, 0.001, 0.001])
     np.testing.assert_allclose(stage_levels(3, 0.006, "reference"), [0.006, 0.003, 0.002])
     np.testing.assert_allclose(stage_levels(1, 0.01, "union"), [0.01])
-    # Union: K lower bounds + K(K-1)/2 Goodman families, each at the same level, sum to alpha.
+    # Union: K lower bounds + K-1 exact cap families, each at the same level, sum to alpha.
     for k in range(1, 6):
-        assert stage_levels(k, 0.01, "union")[0] * (k + k * (k - 1) / 2) == pytest.approx(0.01)
+        assert stage_levels(k, 0.01, "union")[0] * (2 * k - 1) == pytest.approx(0.01)
 
 
 def random_counts(rng: np.random.Generator, images: int, num_classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -182,31 +212,88 @@ def random_counts(rng: np.random.Generator, images: int, num_classes: int = 5) -
     return select, estimate
 
 
-@pytest.mark.parametrize("mode", ["union", "reference"])
-def test_matches_the_per_image_transcription_on_random_counts(mode: str) -> None:
+@pytest.mark.parametrize("mode, routing", [("union", "cascade"), ("union", "continue"), ("union", "best"),
+                                           ("reference", "cascade")])
+def test_matches_the_per_image_transcription_on_random_counts(mode: str, routing: str) -> None:
     rng = np.random.default_rng(5)
     select, estimate = random_counts(rng, 600)
     alpha = 0.05
-    result = certify_cascade(select, estimate, SIGMAS, alpha, mode)
+    result = certify_cascade(select, estimate, SIGMAS, alpha, mode, routing=routing)
     stages_seen = set()
     for m in range(len(select)):
-        prediction, radius, stage = cascade_one_image(select[m], estimate[m], SIGMAS, alpha, mode)
+        prediction, radius, stage = cascade_one_image(select[m], estimate[m], SIGMAS, alpha, mode, routing=routing)
         assert result.prediction[m] == prediction and result.stage[m] == stage
         assert result.radius[m] == pytest.approx(radius, rel=1e-9, abs=1e-12)
         stages_seen.add((stage, prediction >= 0))
-    assert stages_seen >= {(0, True), (1, True), (2, True), (0, False), (1, False), (2, False), (-1, False)}
+    expected = {(0, True), (1, True), (2, True), (-1, False)}
+    if routing == "cascade":
+        expected |= {(0, False), (1, False), (2, False)}
+    assert stages_seen >= expected
 
 
-def test_union_certificate_implies_reference_certificate_with_a_larger_radius() -> None:
+def test_union_and_reference_take_the_same_path_and_reference_radii_are_larger_before_caps() -> None:
+    """With cascade routing, a union certificate is issued where reference mode's (wider-level) bounds
+    decide at the same stage with the same class; at the first stage (no caps) the reference radius
+    is at least as large. Exact caps may bind more or less than Goodman, so later stages may differ."""
     rng = np.random.default_rng(6)
     select, estimate = random_counts(rng, 3000)
     union = certify_cascade(select, estimate, SIGMAS, 0.01, "union")
     reference = certify_cascade(select, estimate, SIGMAS, 0.01, "reference")
     certified = union.prediction >= 0
     assert certified.sum() > 500
-    assert np.array_equal(reference.prediction[certified], union.prediction[certified])
-    assert np.all(union.radius <= reference.radius + 1e-12)
-    assert (reference.prediction >= 0).sum() > certified.sum()  # reference really is more permissive
+    assert np.array_equal(reference.stage[certified], union.stage[certified])
+    both = certified & (reference.prediction >= 0)
+    assert np.array_equal(reference.prediction[both], union.prediction[both])
+    first = certified & (union.stage == 0)
+    assert first.sum() > 100 and np.all(union.radius[first] <= reference.radius[first])
+
+
+def test_continue_issues_every_cascade_certificate_with_the_same_radius_and_best_the_largest() -> None:
+    rng = np.random.default_rng(8)
+    select, estimate = random_counts(rng, 3000)
+    results = {r: certify_cascade(select, estimate, SIGMAS, 0.01, routing=r) for r in ("cascade", "continue", "best")}
+    cascade, cont, best = results["cascade"], results["continue"], results["best"]
+    issued = cascade.prediction >= 0
+    np.testing.assert_array_equal(cont.prediction[issued], cascade.prediction[issued])
+    np.testing.assert_array_equal(cont.radius[issued], cascade.radius[issued])
+    assert (cont.prediction >= 0).sum() > issued.sum()
+    assert np.all((best.prediction >= 0) == (cont.prediction >= 0))  # some stage issues ⇔ best issues
+    assert np.all(best.radius >= cont.radius) and np.any(best.radius > cont.radius)
+
+
+@pytest.mark.parametrize("routing", ["cascade", "continue", "best"])
+def test_early_exit_counts_give_the_all_scales_certificates(routing: str) -> None:
+    """Sampling stage k+1 only where needs_next_stage says so, and zeroing the rest, changes nothing."""
+    rng = np.random.default_rng(9)
+    select, estimate = random_counts(rng, 2000)
+    sampled = np.ones(select.shape[:2], dtype=bool)
+    for k in range(1, len(SIGMAS)):
+        rows = np.flatnonzero(sampled[:, k - 1])
+        sampled[:, k] = False
+        sampled[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], 3, 0.01, routing=routing)
+    early_select, early_estimate = select * sampled[..., None], estimate * sampled[..., None]
+    assert sampled.all() if routing == "best" else (~sampled).sum() > 500
+    full = certify_cascade(select, estimate, SIGMAS, 0.01, routing=routing)
+    early = certify_cascade(early_select, early_estimate, SIGMAS, 0.01, routing=routing)
+    for field in ("prediction", "radius", "stage"):
+        np.testing.assert_array_equal(getattr(early, field), getattr(full, field))
+    np.testing.assert_array_equal(needed_stages(select, estimate, np.ones_like(sampled), 0.01, routing=routing),
+                                  sampled)  # what early exit samples, read off all-scales counts
+    needed = needed_stages(early_select, early_estimate, sampled, 0.01, routing=routing)
+    assert not (needed & ~sampled).any()
+    if routing != "best":
+        needed_by_best = needed_stages(early_select, early_estimate, sampled, 0.01, routing="best")
+        np.testing.assert_array_equal((needed_by_best & ~sampled).any(axis=1), ~sampled.all(axis=1))
+
+
+def test_routings_other_than_cascade_need_union_mode_and_p0_below_half_is_refused() -> None:
+    select = estimate = np.ones((1, 3, 3), dtype=np.int64)
+    with pytest.raises(UserError, match="reference mode keeps"):
+        certify_cascade(select, estimate, SIGMAS, ALPHA, "reference", routing="continue")
+    with pytest.raises(UserError, match="routing must be one of"):
+        needs_next_stage(select[:, :1], estimate[:, :1], 3, ALPHA, routing="fastest")
+    with pytest.raises(UserError, match="p0 must lie in"):
+        certify_cascade(select, estimate, SIGMAS, ALPHA, p0=0.49)
 
 
 @pytest.mark.parametrize("mode", ["union", "reference"])

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -69,7 +70,11 @@ def test_reduce_job_on_hand_made_counts(tmp_path):
     counts = tmp_path / "counts.parquet"
     pq.write_table(hand_made_counts(), counts)
     out = tmp_path / "results.parquet"
+    # The rows are those of a published-cascade early exit: image 5 is undecided at 0.5 and has no 0.25
+    # row, which the default routing (continue) would need.
     done = run_reduce(str(counts), "--out", str(out), "--alpha", "0.01")
+    assert done.returncode == 2 and "1 of 3 image(s) lack the counts their routing needs (ids 5)" in done.stderr
+    done = run_reduce(str(counts), "--out", str(out), "--alpha", "0.01", "--routing", "cascade")
     assert done.returncode == 0, done.stderr
     results = pq.read_table(out)
     assert results.schema == RESULTS_SCHEMA
@@ -126,12 +131,17 @@ def test_reduce_counts_every_scale_of_the_run_in_the_alpha_split(tmp_path):
 
 
 def test_reduce_over_a_subset_of_scales(tmp_path):
+    """Bare counts: dropping a scale is allowed only when every image has every scale."""
     counts = tmp_path / "counts.parquet"
     pq.write_table(hand_made_counts(), counts)
     out = tmp_path / "subset.parquet"
     done = run_reduce(str(counts), "--out", str(out), "--sigmas", "0.5")
+    assert done.returncode == 2 and "not every image of these bare counts has every scale" in done.stderr
+    complete = hand_made_counts().filter(pc.equal(hand_made_counts()["image_id"], 7))
+    pq.write_table(complete, counts)
+    done = run_reduce(str(counts), "--out", str(out), "--sigmas", "0.5", "--routing", "cascade")
     assert done.returncode == 0, done.stderr
-    assert pq.read_table(out)["sigma"].to_pylist() == [0.5, 0.5, None]
+    assert pq.read_table(out)["sigma"].to_pylist() == [None]  # image 7 falls through 0.5 alone
 
 
 def test_shards_repeating_identical_rows_read_once_and_conflicting_rows_stay(tmp_path):
