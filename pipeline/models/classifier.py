@@ -140,8 +140,10 @@ def load_hf_classifier(
         raise UserError(f"no config.json in {directory}: expected a transformers save_pretrained directory")
     try:
         from transformers import AutoModelForImageClassification
+        from transformers.utils import logging as transformers_logging
     except ImportError:
         raise UserError("Hugging Face classifiers need transformers: pip install 'mdds[hf]'") from None
+    transformers_logging.disable_progress_bar()  # one bar per actor would clutter the job's output
     size, mean, std, config_interpolation = _processor_settings(directory / "preprocessor_config.json", in_chans)
     try:
         model = AutoModelForImageClassification.from_pretrained(directory, local_files_only=True, weights_only=True)
