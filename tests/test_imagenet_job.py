@@ -180,12 +180,20 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
     job_env, imagenet_tree, guided_denoiser, timm_weights, tmp_path
 ):
     out = tmp_path / "out"
+    # --denoiser-fit resize keeps the 32x32 UNet at 32 (cheap on a CPU); pad and native are checked
+    # against the published path in tests/test_denoiser_fit.py.
     result = run_job("certify.py", "--preset", "imagenet", "--data", str(imagenet_tree),
                      "--denoiser", str(guided_denoiser), "--classifier", "test_vit",
-                     "--classifier-weights", str(timm_weights), *SMALL_RUN, "--out", str(out), env=job_env)
+                     "--classifier-weights", str(timm_weights), "--denoiser-fit", "resize", *SMALL_RUN,
+                     "--out", str(out), env=job_env)
     assert succeeded(result)
     # image ids follow ImageFolder order: sorted class folders (n01, n02, n03), then file names
     check_results(out, image_ids=[0, 1, 2, 3], labels=[0, 0, 1, 1])
+    report = (out / "report.md").read_text()
+    for line in ("- preprocessing: resize256-crop224 (pil-bilinear; Cohen et al., Carlini et al.)",
+                 "- denoiser fit: resize (bilinear 224x224 -> 32x32 and back; changes the noise statistics)",
+                 "- classifier interpolation: bicubic, antialiased, 224x224 -> 160x160"):
+        assert line in report.splitlines(), report
 
     # The first scale's counts equal a direct computation on torchvision's reference preprocessing
     # (Resize 256, CenterCrop 224) of the files that ids 0 and 2 name, with the same models and seed.
@@ -194,7 +202,8 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
     reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
     images = torch.stack([reference(Image.open(imagenet_tree / folder / "ILSVRC2012_val_0.JPEG").convert("RGB"))
                           for folder in ("n01", "n02")])
-    spec = ModelSpec(str(guided_denoiser), "timm", "test_vit", 1000, classifier_weights=str(timm_weights))
+    spec = ModelSpec(str(guided_denoiser), "timm", "test_vit", 1000, classifier_weights=str(timm_weights),
+                     denoiser_fit="resize")
     fused = FusedDenoiseClassify(*spec.load(), num_classes=1000, device="cpu", batch_size=400)
     expected = fused.count(images, [0, 2], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
     np.testing.assert_array_equal(counts.select_counts[[0, 2], 0], expected[Phase.SELECT][:, 0])
@@ -211,6 +220,11 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
                      "--out", str(out), env=job_env)
     assert succeeded(result)
     table = check_results(out, image_ids=[0, 1, 2, 3], labels=CIFAR_LABELS[:4])
+    report = (out / "report.md").read_text().splitlines()
+    for line in ("- preprocessing: none (32x32 as stored)",
+                 "- denoiser fit: pad (the UNet's own size, 32x32: nothing to fit)",
+                 "- classifier interpolation: inside the TorchScript classifier"):
+        assert line in report
     # Every noisy sample is classified FAVOURED_CLASS, so stage 1 (sigma = 1) certifies it with the
     # one-sided Clopper-Pearson bound for n of n successes, a^(1/n), at the union level a = alpha/6:
     # three scales were asked for, so T = 3·4/2 = 6 intervals, fixed before any count is seen, even
@@ -271,7 +285,9 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--data", "--denoiser", "--classifier", "--classifier-weights", "--out", "--num-images", "--skip",
-                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--device", "--resume"):
+                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--device", "--resume",
+                 "--denoiser-fit pad|native|resize", "--preprocess resize256-crop224|resize224-crop224",
+                 "--classifier-interpolation bicubic|bilinear|nearest"):
         assert flag in text
     assert "convert_guided_diffusion.py" in text and "ray job submit" in text and "s3://" in text
     assert "imagenet  --sigmas 1,0.5,0.25  --n-select 100  --n 10000  --alpha 0.001  --skip 100" in text
@@ -285,7 +301,10 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
         request = request_from_args(build_parser(preset, "").parse_args([]))
         assert request.sampling.sigmas == (1.0, 0.5, 0.25)
         assert (request.sampling.n_select, request.sampling.n, request.sampling.alpha) == (100, n, 0.001)
-    assert request_from_args(build_parser("imagenet", "").parse_args([])).data.skip == 100
+    imagenet = request_from_args(build_parser("imagenet", "").parse_args([]))
+    assert imagenet.data.skip == 100
+    # pad: the published multi-scale code's denoiser fit; preprocessing None: resize256-crop224 (Cohen, Carlini)
+    assert imagenet.models.denoiser_fit == "pad" and imagenet.data.preprocess is None
 
 
 def test_device_flag_decides_whether_actors_ask_for_a_gpu(monkeypatch):
