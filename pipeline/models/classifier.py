@@ -142,7 +142,7 @@ def load_hf_classifier(
         from transformers import AutoModelForImageClassification
         from transformers.utils import logging as transformers_logging
     except ImportError:
-        raise UserError("Hugging Face classifiers need transformers: pip install 'mdds[hf]'") from None
+        raise UserError("Hugging Face classifiers need transformers: pip install -e '.[hf]'") from None
     transformers_logging.disable_progress_bar()  # one bar per actor would clutter the job's output
     size, mean, std, config_interpolation = _processor_settings(directory / "preprocessor_config.json", in_chans)
     try:
