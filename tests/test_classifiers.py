@@ -52,19 +52,23 @@ def test_timm_classifier_resizes_with_its_data_config_interpolation() -> None:
     assert overridden.interpolation == "bilinear"
 
 
-@pytest.fixture(scope="module")
-def vit_dir(tmp_path_factory) -> Path:
-    """A tiny ViTForImageClassification (32x32, patch 8, 10 labels) and its ViTImageProcessor (bicubic)."""
+def save_tiny_vit(folder: Path, size: int = 32) -> Path:
+    """A tiny ViTForImageClassification (patch 8, 10 labels) and its ViTImageProcessor (bicubic), as
+    save_pretrained writes them: what `hf download` of a published classifier gives."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    folder = tmp_path_factory.mktemp("hf-vit")
     torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = ViTConfig(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, num_labels=10)
     ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=list(MEAN), image_std=list(STD),
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(MEAN), image_std=list(STD),
                       resample=3).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory) -> Path:
+    return save_tiny_vit(tmp_path_factory.mktemp("hf-vit"))
 
 
 def test_hf_classifier_takes_size_normalization_and_interpolation_from_its_processor(vit_dir, monkeypatch) -> None:

@@ -34,6 +34,7 @@ from pipeline.models.spec import ModelSpec
 from pipeline.sampling.noise import Phase
 from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
+from tests.test_classifiers import save_tiny_vit
 from tests.test_guided_diffusion import random_reference, save_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")]
@@ -235,6 +236,51 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
     counts = counts_to_arrays(read_counts(out / "counts"))
     assert counts.estimate_counts.shape == (4, 1, 10)
     assert (counts.estimate_counts[:, 0, FAVOURED_CLASS] == 16).all()
+
+
+def test_cifar10_job_with_converted_improved_diffusion_and_a_hugging_face_vit(
+    job_env, cifar_dir, tmp_path_factory, tmp_path
+):
+    """CIFAR-10 as both papers run it, in miniature: an improved-diffusion-layout checkpoint (cosine,
+    4,000 steps, rescaled timesteps, learned sigma) converted by the converter job, and a transformers
+    ViT at 64x64 (the data are 32x32: resized bicubic, as Carlini et al.) given as hf:DIR. The actors'
+    counts equal a direct computation with the same models: both read timestep_scale.json and the
+    image processor config the same way."""
+    folder = tmp_path_factory.mktemp("improved")
+    checkpoint = save_reference(
+        random_reference(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,), num_heads=4,
+                         resblock_updown=False),
+        folder / "cifar10_uncond_tiny.pt",
+    )
+    flags = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+             "--attention_resolutions", "16", "--num_heads", "4", "--learn_sigma", "True",
+             "--resblock_updown", "False", "--diffusion_steps", "4000", "--noise_schedule", "cosine",
+             "--rescale_timesteps", "True"]
+    assert succeeded(run_job("convert_guided_diffusion.py", str(checkpoint), str(folder / "denoiser"), *flags,
+                             env=job_env))
+    assert (folder / "denoiser" / "timestep_scale.json").is_file()
+    vit = save_tiny_vit(folder / "vit", size=64)
+    out = tmp_path / "out"
+    result = run_job("certify.py", "--preset", "cifar10", "--data", str(cifar_dir), "--denoiser",
+                     str(folder / "denoiser"), "--classifier", f"hf:{vit}", "--classifier-interpolation", "bicubic",
+                     *SMALL_RUN, "--out", str(out), env=job_env)
+    assert succeeded(result)
+    check_results(out, image_ids=[0, 1, 2, 3], labels=CIFAR_LABELS[:4])
+    assert "- classifier interpolation: bicubic, antialiased, 32x32 -> 64x64" in (out / "report.md").read_text()
+
+    counts = counts_to_arrays(read_counts(out / "counts"))
+    spec = ModelSpec(str(folder / "denoiser"), "hf", str(vit), 10, classifier_interpolation="bicubic")
+    fused = FusedDenoiseClassify(*spec.load(), num_classes=10, device="cpu", batch_size=400)
+    assert fused.denoiser.timestep_scale == 0.25 and fused.denoiser.timestep_for_sigma(1.0) > 1000
+    images = torch.from_numpy(load_cifar_rows(cifar_dir)[:2].reshape(2, 3, 32, 32).astype(np.float32) / np.float32(255))
+    expected = fused.count(images, [0, 1], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
+    np.testing.assert_array_equal(counts.select_counts[:2, 0], expected[Phase.SELECT][:, 0])
+    np.testing.assert_array_equal(counts.estimate_counts[:2, 0], expected[Phase.ESTIMATE][:, 0])
+
+
+def load_cifar_rows(folder: Path) -> np.ndarray:
+    with open(folder / "test_batch", "rb") as handle:
+        return pickle.load(handle)[b"data"]
 
 
 def test_missing_data_is_a_one_line_error_with_exit_code_2(job_env, timm_weights, tmp_path):
