@@ -186,8 +186,11 @@ class _Worker:
             with checkpoint.as_directory() as directory:
                 restored = load_checkpoint(Path(directory), model, optimizer)
             progress = {key: restored[key] for key in progress}
-        bare, denoiser = (OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type, base.fit,
-                                          base.timestep_scale).to(device) for _ in range(2))
+        def wrap(unet: torch.nn.Module) -> OneShotDenoiser:  # the base model's schedule, fit and timestep scale
+            return OneShotDenoiser(unet, base.alphas_cumprod, base.prediction_type, base.fit,
+                                   base.timestep_scale).to(device)
+
+        bare, denoiser = wrap(model), wrap(model)
         denoiser.unet = ray.train.torch.prepare_model(model)
         classifier = load_frozen_classifier(settings.classifier_kind, settings.classifier_dir).to(device)
         return cls(settings, device, context.get_world_rank(), context.get_world_size(), model, optimizer,
