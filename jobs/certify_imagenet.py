@@ -1,11 +1,15 @@
 """Certify an ImageNet classifier with multi-scale diffusion denoised smoothing on a Ray cluster.
 
 Data: an ImageNet-style class-folder tree (val/<wnid>/*.JPEG; labels = index of the sorted folder
-names) or a Parquet of encoded image bytes, resized to 256 and center-cropped to 224 (the certified
-input space). Denoiser: a diffusers directory, e.g. OpenAI's 256x256_diffusion_uncond.pt converted
-with jobs/convert_guided_diffusion.py --preset imagenet256-uncond. Classifier: a timm model name with
-a local or fsspec weights file, or a TorchScript file. One GPU per model actor when the cluster has
-GPUs (--device cuda also when its GPU workers are still scaled to zero). --out must be shared storage.
+names) or a Parquet of encoded image bytes, preprocessed to the certified 224x224 input (--preprocess:
+resize 256 + center crop 224 as Cohen et al. and Carlini et al., or resize 224 bicubic as the published
+multi-scale code). Denoiser: a diffusers directory, e.g. OpenAI's 256x256_diffusion_uncond.pt converted
+with jobs/convert_guided_diffusion.py --preset imagenet256-uncond; --denoiser-fit says how 224x224
+inputs reach its 256x256 UNet (pad: reflection padding, the multi-scale code; native: the UNet at 224,
+Carlini et al.). Classifier: a timm model name with a local or fsspec weights file, a Hugging Face
+transformers directory, or a TorchScript file. docs/imagenet-cifar.md: the flags of each paper's setup.
+One GPU per model actor when the cluster has GPUs (--device cuda also when its GPU workers are still
+scaled to zero). --out must be shared storage.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/certify_imagenet.py \\
         --data s3://BUCKET/imagenet/val --denoiser s3://BUCKET/models/imagenet256 \\

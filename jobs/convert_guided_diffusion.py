@@ -1,7 +1,8 @@
 """Convert an OpenAI guided-diffusion / improved-diffusion UNet checkpoint (.pt) into a diffusers directory.
 
-The directory holds a UNet2DModel (config.json + diffusion_pytorch_model.safetensors) and the
-DDPMScheduler of the training schedule (scheduler_config.json): what load_denoiser(dir) reads.
+The directory holds a UNet2DModel (config.json + diffusion_pytorch_model.safetensors), the
+DDPMScheduler of the full training schedule (scheduler_config.json) and, for improved-diffusion models
+trained on rescaled timesteps, timestep_scale.json (the network sees t*1000/T): what load_denoiser(dir) reads.
 
 Checkpoints are not downloaded here; get them from the READMEs of the GitHub repositories:
   openai/guided-diffusion    256x256_diffusion_uncond.pt   -> --preset imagenet256-uncond
@@ -20,11 +21,10 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from diffusers import DDPMScheduler, UNet2DModel
-
 from pipeline.errors import UserError
 from pipeline.models.guided_diffusion import (
     PRESETS,
+    ConvertedDenoiser,
     GuidedDiffusionConfig,
     check_output_dir,
     convert_guided_diffusion,
@@ -104,16 +104,17 @@ def config_from_args(args: argparse.Namespace) -> GuidedDiffusionConfig:
     return replace(base, **{name: value for name, value in given.items() if value is not None})
 
 
-def describe(unet: UNet2DModel, scheduler: DDPMScheduler, config: GuidedDiffusionConfig) -> list[str]:
+def describe(converted: ConvertedDenoiser, config: GuidedDiffusionConfig) -> list[str]:
     """Two summary lines, so the user can compare them with the checkpoint's published flags."""
-    model, schedule = unet.config, scheduler.config
-    parameters = sum(param.numel() for param in unet.parameters())
-    subsampled = f", subsampled from {config.diffusion_steps}" if schedule.trained_betas else ""
+    model, schedule = converted.unet.config, converted.scheduler.config
+    parameters = sum(param.numel() for param in converted.unet.parameters())
+    rescaled = (f", network input t*{converted.timestep_scale:g} (rescale_timesteps)"
+                if converted.timestep_scale != 1.0 else "")
     return [
         f"UNet2DModel: {parameters / 1e6:.1f}M parameters, {model.sample_size}x{model.sample_size}, "
         f"{model.in_channels}->{model.out_channels} channels, blocks {list(model.block_out_channels)}, "
         f"attention head dim {model.attention_head_dim}",
-        f"DDPMScheduler: {schedule.num_train_timesteps} steps ({config.noise_schedule}{subsampled}), "
+        f"DDPMScheduler: {schedule.num_train_timesteps} steps ({config.noise_schedule}{rescaled}), "
         f"variance {schedule.variance_type}, prediction {schedule.prediction_type}",
     ]
 
@@ -123,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         check_output_dir(args.out_dir, args.overwrite)  # before minutes of loading a large checkpoint
-        unet, scheduler = convert_guided_diffusion(args.checkpoint, config)
-        written = save_converted(unet, scheduler, args.out_dir, overwrite=args.overwrite)
+        converted = convert_guided_diffusion(args.checkpoint, config)
+        written = save_converted(converted, args.out_dir, overwrite=args.overwrite)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    for line in describe(unet, scheduler, config):
+    for line in describe(converted, config):
         print(line)
     for path in written:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")

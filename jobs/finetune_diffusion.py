@@ -28,6 +28,7 @@ from pipeline.distributed.ray_init import init_ray  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.finetune.loss import LossSettings  # noqa: E402
 from pipeline.finetune.train_loop import FinetuneSettings, ProbeSet, train_loop_per_worker  # noqa: E402
+from pipeline.models.denoiser import DENOISER_FITS  # noqa: E402
 from pipeline.app.presets import get_preset, parse_sigmas  # noqa: E402
 
 RUN_RECORD = "run.json"
@@ -48,6 +49,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "probe_images": 64,
     "probe_samples": 16,
+    "denoiser_fit": "pad",
 }
 
 
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the preset's cached model)")
     parser.add_argument("--classifier", default=None,
                         help="frozen classifier: a TorchScript file taking [0,1] images (default: the preset's)")
+    parser.add_argument("--denoiser-fit", choices=DENOISER_FITS, metavar="|".join(DENOISER_FITS),
+                        help="images whose size is not the UNet's: pad (reflection-pad to its size, crop back), "
+                             "native (the UNet at the image size) or resize (bilinear; changes the noise "
+                             f"statistics); as jobs/certify.py --denoiser-fit (default {d['denoiser_fit']})")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, help=f"passes over the train split (default {d['epochs']})")
@@ -130,6 +136,7 @@ def _flags_from_settings(record: dict[str, Any], probe_images: int) -> dict[str,
         "lambda_cls": loss["lambda_cls"], "eta_anti": loss["eta_anti"], "num_denoisings": loss["num_denoisings"],
         "recoverable_loss": loss["recoverable_loss"], "lora_rank": record["lora_rank"], "seed": record["seed"],
         "probe_images": probe_images, "probe_samples": record["probe_samples"], "sigmas": tuple(loss["sigmas"]),
+        "denoiser_fit": record.get("denoiser_fit", "resize"),  # what runs from before the flag did
     }
 
 
@@ -157,7 +164,7 @@ def _settings(flags: dict[str, Any], loss: LossSettings, denoiser_dir: str, clas
         denoiser_dir=denoiser_dir, classifier_dir=classifier_dir, classifier_kind=classifier_kind,
         num_classes=num_classes, loss=loss, epochs=flags["epochs"], batch_size=flags["batch_size"],
         learning_rate=flags["lr"], lora_rank=flags["lora_rank"], seed=flags["seed"],
-        probe_samples=flags["probe_samples"], train_rows=train_rows,
+        probe_samples=flags["probe_samples"], train_rows=train_rows, denoiser_fit=flags["denoiser_fit"],
     )
 
 
@@ -181,19 +188,20 @@ def _resolve_flags(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any],
     return flags, record
 
 
-def _base_models(args: argparse.Namespace) -> tuple[str, str, str]:
+def _base_models(args: argparse.Namespace, denoiser_fit: str) -> tuple[str, str, str]:
     """Base denoiser dir, classifier kind and path: the given ones, else the digits models (trained and
-    cached on first use). Both are loaded once here so a bad path fails before any worker starts."""
+    cached on first use). Both are loaded once here so a bad path, or a denoiser the fit cannot bring
+    the digits to, fails before any worker starts."""
     from pipeline.finetune.train_loop import load_frozen_classifier
     from pipeline.models.denoiser import load_denoiser
-    from pipeline.models.digits import digits_classifier_dir, digits_denoiser_dir
+    from pipeline.models.digits import IMAGE_SIZE, digits_classifier_dir, digits_denoiser_dir
 
     denoiser_dir = str(Path(args.denoiser).resolve()) if args.denoiser else str(digits_denoiser_dir())
     if args.classifier:
         kind, classifier_path = "torchscript", str(Path(args.classifier).resolve())
     else:
         kind, classifier_path = "digits", str(digits_classifier_dir())
-    load_denoiser(denoiser_dir)
+    load_denoiser(denoiser_dir, denoiser_fit).check_size((IMAGE_SIZE, IMAGE_SIZE))
     load_frozen_classifier(kind, classifier_path)
     return denoiser_dir, kind, classifier_path
 
@@ -245,10 +253,10 @@ def _fit(settings: FinetuneSettings, probe: ProbeSet, dataset, num_workers: int,
         raise
 
 
-def _run_models(args: argparse.Namespace, record: dict[str, Any] | None) -> tuple[str, str, str]:
+def _run_models(args: argparse.Namespace, record: dict[str, Any] | None, denoiser_fit: str) -> tuple[str, str, str]:
     """A fresh run's base models; a resumed run keeps its own, even if the cache has moved on since."""
     if record is None:
-        return _base_models(args)
+        return _base_models(args, denoiser_fit)
     if args.denoiser or args.classifier:
         raise UserError("--resume keeps the run's base models; do not pass --denoiser or --classifier")
     stored = record["settings"]
@@ -282,7 +290,7 @@ def finetune(args: argparse.Namespace) -> Path:
     _check_ranges(flags)
     loss = _loss_settings(flags)
     storage_path = _storage_path(args, out, record)
-    models = _run_models(args, record)
+    models = _run_models(args, record, flags["denoiser_fit"])
     prepare_out_dir(str(out), args.overwrite, args.resume)
 
     init_ray()

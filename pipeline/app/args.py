@@ -11,7 +11,10 @@ from pipeline.sampling.kernel import default_device
 from pipeline.sampling.strategies import SamplingConfig
 from pipeline.app.presets import PRESETS, get_preset, parse_sigmas
 from pipeline.distributed.run import ExecutionConfig
-from pipeline.app.workload import DataOptions, ModelOptions
+from pipeline.app.workload import DEFAULT_PREPROCESS, DataOptions, ModelOptions
+from pipeline.data.decode import PREPROCESSING
+from pipeline.models.classifier import INTERPOLATIONS
+from pipeline.models.denoiser import DENOISER_FITS
 
 EPILOG = """\
 outputs (OUT):
@@ -88,12 +91,25 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     data.add_argument("--start", type=int, default=0, help="first image index")
     data.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                       help="unreadable image files: fail, or skip with a warning and list them in the report")
+    data.add_argument("--preprocess", choices=tuple(PREPROCESSING), metavar="|".join(PREPROCESSING),
+                      help="image files (imagenet preset) to the certified 224x224 input: "
+                      + "; ".join(p.describe() for p in PREPROCESSING.values())
+                      + f" (default {DEFAULT_PREPROCESS})")
     data.add_argument("--denoiser", help="diffusers UNet2DModel + DDPMScheduler directory, local or fsspec URL "
                       "(guided-diffusion .pt checkpoints: convert with jobs/convert_guided_diffusion.py; digits: "
                       "default the cached embedded model, or e.g. a fine-tuned one from jobs/finetune_diffusion.py)")
-    data.add_argument("--classifier", help="timm model name (with --classifier-weights; input size and "
-                      "normalization from timm's data config) or a TorchScript .pt/.ts/.jit file that takes "
+    data.add_argument("--denoiser-fit", choices=DENOISER_FITS, default="pad", metavar="|".join(DENOISER_FITS),
+                      help="images whose size is not the UNet's: pad (reflection-pad to its size, crop back; the "
+                      "published multi-scale code; default), native (run the UNet at the image size, a multiple "
+                      "of its downsampling; Carlini et al.), resize (bilinear; changes the noise statistics)")
+    data.add_argument("--classifier", help="timm model name (with --classifier-weights; input size, "
+                      "interpolation and normalization from timm's data config), hf:DIR or a directory with "
+                      "config.json (a Hugging Face transformers image classifier, save_pretrained with its "
+                      "image processor; loaded offline), or a TorchScript .pt/.ts/.jit file that takes "
                       "[0,1] images and returns one logit per class")
+    data.add_argument("--classifier-interpolation", choices=INTERPOLATIONS, metavar="|".join(INTERPOLATIONS),
+                      help="resize of the denoised image to the classifier's input size (antialiased; default: "
+                      "the classifier's own config, bicubic for timm's BEiT/ViT)")
     data.add_argument("--classifier-weights", help="timm classifier weights (.safetensors or torch state dict), "
                       "local or fsspec URL")
     run = parser.add_argument_group("execution")
@@ -152,8 +168,10 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             skip=args.skip if args.skip is not None else preset.skip,
             start=args.start,
             on_bad_image=args.on_bad_image,
+            preprocess=args.preprocess,
         ),
-        models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights),
+        models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights, args.denoiser_fit,
+                            args.classifier_interpolation),
         out=args.out or f"outputs/{preset.name}",
         overwrite=args.overwrite,
         resume=args.resume,

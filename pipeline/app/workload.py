@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.decode import PREPROCESSING
 from pipeline.errors import UserError
+from pipeline.models.classifier import Interpolation
+from pipeline.models.denoiser import DenoiserFit
 from pipeline.models.spec import ModelSpec
 from pipeline.app.presets import Preset
 from pipeline.distributed.run import DatasetFor
@@ -27,6 +30,8 @@ class ModelOptions:
     denoiser: str | None = None
     classifier: str | None = None
     classifier_weights: str | None = None
+    denoiser_fit: DenoiserFit = "pad"
+    classifier_interpolation: Interpolation | None = None  # None: the classifier's own config
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,12 @@ class DataOptions:
     skip: int = 1
     start: int = 0
     on_bad_image: str = "fail"
+    preprocess: str | None = None  # image files only; None: the preset's default (DEFAULT_PREPROCESS)
+
+
+# Cohen et al.'s and Carlini et al.'s ImageNet preprocessing (docs/imagenet-cifar.md).
+DEFAULT_PREPROCESS = "resize256-crop224"
+HF_PREFIX = "hf:"
 
 
 def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
@@ -45,6 +56,11 @@ def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> W
         raise UserError(f"--skip must be >= 1, got {data.skip}")
     if data.num_images is not None and data.num_images < 1:
         raise UserError(f"--num-images must be >= 1, got {data.num_images}")
+    if data.preprocess is not None and preset.name != "imagenet":
+        raise UserError(f"--preprocess applies to image files (preset imagenet); preset {preset.name} "
+                        "certifies its images as stored")
+    if data.preprocess is not None and data.preprocess not in PREPROCESSING:
+        raise UserError(f"unknown --preprocess {data.preprocess!r}; choose one of {', '.join(PREPROCESSING)}")
     if preset.name == "digits":
         return _digits(preset, data, models)
     return _external(preset, data, models)
@@ -56,11 +72,16 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
     from pipeline.data.digits import load_digits_split
     from pipeline.models.digits import clean_accuracy, digits_classifier_dir, digits_denoiser_dir
 
+    if models.classifier_interpolation is not None:
+        raise UserError("--classifier-interpolation: the digits classifier runs at the data's size (no resize)")
     split = load_digits_split()
     ids = np.arange(len(split.test_images))[data.start::data.skip][: data.num_images]
     denoiser_dir = models.denoiser or str(digits_denoiser_dir())
-    spec = ModelSpec(denoiser_dir, "digits", str(digits_classifier_dir()), preset.num_classes, in_chans=1)
-    _, classifier = spec.load()  # fails fast, in the driver, on a bad --denoiser or cache
+    spec = ModelSpec(denoiser_dir, "digits", str(digits_classifier_dir()), preset.num_classes, in_chans=1,
+                     denoiser_fit=models.denoiser_fit)
+    image_shape = tuple(split.test_images.shape[1:])
+    model_lines = spec.check(image_shape)  # fails fast, in the driver, on a bad --denoiser, fit or cache
+    _, classifier = spec.load()
 
     def dataset_for(todo: np.ndarray, num_blocks: int) -> ray.data.Dataset:
         return ray.data.from_items([
@@ -69,6 +90,8 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
 
     notes = (
         f"denoiser: {denoiser_dir}",
+        f"preprocessing: none ({image_shape[1]}x{image_shape[2]} as stored)",
+        *model_lines,
         f"base classifier clean test accuracy: {100 * clean_accuracy(classifier):.1f}% "
         f"({len(split.test_images)} digits test images)",
     )
@@ -81,11 +104,37 @@ def _model_spec(preset: Preset, models: ModelOptions, in_chans: int) -> ModelSpe
                         "directory; convert guided-diffusion .pt files with jobs/convert_guided_diffusion.py)")
     if not models.classifier:
         raise UserError(f"preset {preset.name} needs --classifier (a timm model name with --classifier-weights, "
-                        "or a TorchScript .pt file)")
-    if Path(models.classifier).suffix in {".pt", ".ts", ".jit"} and models.classifier_weights is None:
-        return ModelSpec(models.denoiser, "torchscript", models.classifier, preset.num_classes, in_chans)
-    return ModelSpec(models.denoiser, "timm", models.classifier, preset.num_classes, in_chans,
-                     models.classifier_weights)
+                        "a Hugging Face transformers directory, or a TorchScript .pt file)")
+    kind, location = _classifier_kind(models)
+    if kind == "hf" and models.classifier_weights is not None:
+        raise UserError(f"--classifier-weights: the Hugging Face classifier {location} carries its own weights")
+    if kind == "torchscript" and models.classifier_interpolation is not None:
+        raise UserError("--classifier-interpolation: a TorchScript classifier does its own resizing")
+    return ModelSpec(models.denoiser, kind, location, preset.num_classes, in_chans, models.classifier_weights,
+                     models.denoiser_fit, models.classifier_interpolation)
+
+
+def _classifier_kind(models: ModelOptions) -> tuple[str, str]:
+    """(kind, location) of --classifier: hf:DIR or a directory with config.json (Hugging Face), a
+    .pt/.ts/.jit file without weights (TorchScript), else a timm model name."""
+    classifier = models.classifier
+    if classifier.startswith(HF_PREFIX):
+        return "hf", classifier[len(HF_PREFIX):]
+    if Path(classifier).suffix in {".pt", ".ts", ".jit"} and models.classifier_weights is None:
+        return "torchscript", classifier
+    if _is_hf_directory(classifier):
+        return "hf", classifier
+    return "timm", classifier
+
+
+def _is_hf_directory(location: str) -> bool:
+    """A folder (local or fsspec URL) holding a transformers config.json, as save_pretrained writes it."""
+    import fsspec
+
+    if "://" not in location and not Path(location).is_dir():
+        return False  # a timm model name, not a path
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.isfile(path.rstrip("/") + "/config.json")
 
 
 def _is_parquet(location: str) -> bool:
@@ -110,19 +159,21 @@ def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Worklo
     selection = dict(skip=data.skip, num_images=data.num_images, start=data.start)
     if preset.name == "cifar10":
         source = sources.cifar10_source(data.data, **selection)
-    elif _is_parquet(data.data):
-        source = sources.parquet_image_source(data.data, resize=256, crop=224,
-                                                      on_bad_image=data.on_bad_image, **selection)
+        preprocessing = "none (32x32 as stored)"
     else:
-        source = sources.class_folder_source(data.data, resize=256, crop=224,
-                                                     on_bad_image=data.on_bad_image, **selection)
+        chosen = PREPROCESSING[data.preprocess or DEFAULT_PREPROCESS]
+        files = dict(resize=chosen.resize, crop=chosen.crop, resample=chosen.resample, on_bad_image=data.on_bad_image)
+        read = sources.parquet_image_source if _is_parquet(data.data) else sources.class_folder_source
+        source = read(data.data, **files, **selection)
+        preprocessing = chosen.describe()
     info = source.info
     if info.num_classes > preset.num_classes:
         raise UserError(f"{data.data} has {info.num_classes} classes but preset {preset.name} expects "
                         f"{preset.num_classes}")
     spec = _model_spec(preset, models, in_chans=3)
-    spec.check(info.image_shape)  # fails fast, in the driver, on a bad model path or output width
+    model_lines = spec.check(info.image_shape)  # fails fast, in the driver, on a bad model, fit or output width
     ids = np.array(sorted(info.locations), dtype=np.int64)
-    notes = (f"data: {data.data} ({len(ids)} images)", f"denoiser: {models.denoiser}",
-             f"classifier: {models.classifier}")
+    notes = (f"data: {data.data} ({len(ids)} images)", f"preprocessing: {preprocessing}",
+             f"denoiser: {models.denoiser}", f"classifier: {models.classifier} ({spec.classifier_kind})",
+             *model_lines)
     return Workload(source.read, ids, spec, notes, dict(info.locations))

@@ -16,7 +16,7 @@ import ray.data
 from fsspec import AbstractFileSystem
 
 from pipeline.errors import UserError
-from pipeline.data.decode import ImageMode, OnBadImage, check_options, output_shape
+from pipeline.data.decode import ImageMode, OnBadImage, Resample, check_options, output_shape
 from pipeline.data.filesystems import display_path, pyarrow_filesystem, resolve
 from pipeline.data.info import Source, SourceInfo, chosen
 from pipeline.data.ray_steps import decode_step
@@ -37,6 +37,7 @@ def class_folder_source(
     num_images: int | None = None,
     start: int = 0,
     on_bad_image: OnBadImage = "fail",
+    resample: Resample = "pil-bilinear",
     storage_options: Mapping[str, Any] | None = None,
 ) -> Source:
     """Rows {image_id, label, image (C, H, W) float32 in [0, 1]} of the selected images under `root`.
@@ -45,7 +46,7 @@ def class_folder_source(
     paths relative to `root`), the CSV's labels for exactly the files it lists, ordered by path. Only the
     selected files are read. Rows arrive in no particular order; image_id identifies them.
     """
-    check_options(mode, resize, crop, on_bad_image)
+    check_options(mode, resize, crop, on_bad_image, resample)
     fs, root_path = resolve(root, what="image folder", storage_options=storage_options)
     if not fs.isdir(root_path):
         raise UserError(f"image folder {root} is not a directory")
@@ -80,7 +81,8 @@ def class_folder_source(
         except FileNotFoundError as error:
             raise UserError(f"image file missing: {error}") from None
         with_ids = files.map_batches(_attach_ids, batch_format="numpy", fn_kwargs={"rows_by_path": rows_by_path})
-        return decode_step(with_ids, mode=mode, resize=resize, crop=crop, on_bad_image=on_bad_image)
+        return decode_step(with_ids, mode=mode, resize=resize, crop=crop, on_bad_image=on_bad_image,
+                           resample=resample)
 
     return Source(info, read)
 

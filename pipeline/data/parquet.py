@@ -19,7 +19,7 @@ import ray.data
 from fsspec import AbstractFileSystem
 
 from pipeline.errors import UserError
-from pipeline.data.decode import ImageMode, OnBadImage, check_options, output_shape
+from pipeline.data.decode import ImageMode, OnBadImage, Resample, check_options, output_shape
 from pipeline.data.filesystems import display_path, resolve
 from pipeline.data.info import Source, SourceInfo, chosen
 from pipeline.data.ray_steps import decode_step
@@ -50,6 +50,7 @@ def parquet_image_source(
     num_images: int | None = None,
     start: int = 0,
     on_bad_image: OnBadImage = "fail",
+    resample: Resample = "pil-bilinear",
     storage_options: Mapping[str, Any] | None = None,
 ) -> Source:
     """Rows {image_id, label, image (C, H, W) float32 in [0, 1]} of the selected rows of a Parquet file or folder.
@@ -57,7 +58,7 @@ def parquet_image_source(
     `id_column` None uses a column named "image_id" if the files have one, else row positions.
     Only the row groups holding selected rows are read, and only the selected rows decoded.
     """
-    check_options(mode, resize, crop, on_bad_image)
+    check_options(mode, resize, crop, on_bad_image, resample)
     fs, root_path = resolve(path, what="Parquet path", storage_options=storage_options)
     files = sorted(p for p in fs.find(root_path) if p.endswith(".parquet")) if fs.isdir(root_path) else [root_path]
     if not files:
@@ -95,7 +96,8 @@ def parquet_image_source(
         items = ray.data.from_items(work, override_num_blocks=blocks).flat_map(
             _read_rows, fn_kwargs={"fs": fs, "image_column": image_column, "image_is_struct": image_is_struct}
         )
-        return decode_step(items, mode=mode, resize=resize, crop=crop, on_bad_image=on_bad_image)
+        return decode_step(items, mode=mode, resize=resize, crop=crop, on_bad_image=on_bad_image,
+                           resample=resample)
 
     return Source(info, read)
 

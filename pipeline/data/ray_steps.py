@@ -2,21 +2,22 @@
 
 import ray.data
 
-from pipeline.data.decode import OnBadImage, decode_batch
+from pipeline.data.decode import OnBadImage, Resample, decode_batch
 
 # Decoded ImageNet rows are ~0.6 MB each (3×224×224 float32); small batches keep blocks near 40 MB.
 DECODE_BATCH_SIZE = 64
 
 
 def decode_step(
-    dataset: ray.data.Dataset, *, mode: str, resize: int | None, crop: int | None, on_bad_image: OnBadImage
+    dataset: ray.data.Dataset, *, mode: str, resize: int | None, crop: int | None, on_bad_image: OnBadImage,
+    resample: Resample = "pil-bilinear",
 ) -> ray.data.Dataset:
     """Append the decode/preprocess step to rows with columns bytes, image_id, label, location."""
     decoded = dataset.map_batches(
         decode_batch,
         batch_format="numpy",
         batch_size=DECODE_BATCH_SIZE,
-        fn_kwargs={"mode": mode, "resize": resize, "crop": crop, "on_bad_image": on_bad_image},
+        fn_kwargs={"mode": mode, "resize": resize, "crop": crop, "on_bad_image": on_bad_image, "resample": resample},
     )
     return surface_user_errors(decoded)
 

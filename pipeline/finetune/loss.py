@@ -70,16 +70,16 @@ def diffusion_loss(
     """L_diff: the DDPM objective at t ~ U{0..max_timestep} on clean images in [0, 1].
 
     It keeps D a diffusion model while the classification terms reshape it. The target follows the
-    model's parameterization (ε, x₀ or v), so the loss is "the usual" one for whichever it is.
+    model's parameterization (ε, x₀ or v), so the loss is "the usual" one for whichever it is. The
+    clean images reach the UNet with the denoiser's fit, the geometry it is queried with when certifying.
     """
-    x0 = 2.0 * clean - 1.0
-    if tuple(x0.shape[-2:]) != denoiser.sample_size:
-        x0 = F.interpolate(x0, size=denoiser.sample_size, mode="bilinear", antialias=True, align_corners=False)
+    denoiser.check_size(tuple(clean.shape[-2:]))
+    x0 = denoiser.to_model(2.0 * clean - 1.0)
     timesteps = torch.randint(0, max_timestep + 1, (len(x0),), generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     alpha_bar = denoiser.alphas_cumprod[timesteps].to(x0.dtype).view(-1, 1, 1, 1)
     x_t = alpha_bar.sqrt() * x0 + (1.0 - alpha_bar).sqrt() * noise
-    output = denoiser.unet(x_t, timesteps).sample[:, : denoiser.in_channels]
+    output = denoiser.network(x_t, timesteps)
     if denoiser.prediction_type == "epsilon":
         target = noise
     elif denoiser.prediction_type == "v_prediction":

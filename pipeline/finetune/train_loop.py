@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pipeline.errors import UserError
 from pipeline.finetune.loss import METRIC_NAMES, LossSettings, cascade_finetune_loss
 from pipeline.finetune.weights import load_checkpoint, save_checkpoint, trainable_unet
-from pipeline.models.denoiser import OneShotDenoiser, load_denoiser
+from pipeline.models.denoiser import DenoiserFit, OneShotDenoiser, load_denoiser
 
 ClassifierKind = Literal["digits", "torchscript"]
 
@@ -49,6 +49,7 @@ class FinetuneSettings:
     seed: int = 0
     probe_samples: int = 16
     train_rows: int = 0
+    denoiser_fit: DenoiserFit = "pad"
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "FinetuneSettings":
@@ -175,7 +176,7 @@ class _Worker:
         (DDP broadcasts rank 0's weights, so every replica starts identical either way)."""
         context = ray.train.get_context()
         device = ray.train.torch.get_device()
-        base = load_denoiser(settings.denoiser_dir)
+        base = load_denoiser(settings.denoiser_dir, settings.denoiser_fit)
         model = trainable_unet(base.unet, settings.lora_rank).to(device).train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
@@ -185,8 +186,11 @@ class _Worker:
             with checkpoint.as_directory() as directory:
                 restored = load_checkpoint(Path(directory), model, optimizer)
             progress = {key: restored[key] for key in progress}
-        bare = OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type).to(device)
-        denoiser = OneShotDenoiser(model, base.alphas_cumprod, base.prediction_type).to(device)
+        def wrap(unet: torch.nn.Module) -> OneShotDenoiser:  # the base model's schedule, fit and timestep scale
+            return OneShotDenoiser(unet, base.alphas_cumprod, base.prediction_type, base.fit,
+                                   base.timestep_scale).to(device)
+
+        bare, denoiser = wrap(model), wrap(model)
         denoiser.unet = ray.train.torch.prepare_model(model)
         classifier = load_frozen_classifier(settings.classifier_kind, settings.classifier_dir).to(device)
         return cls(settings, device, context.get_world_rank(), context.get_world_size(), model, optimizer,

@@ -22,7 +22,7 @@ from peft.tuners.lora import LoraModel
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.models.denoiser import load_denoiser
+from pipeline.models.denoiser import load_denoiser, write_timestep_scale
 
 LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
 """The ResNet convolutions and attention projections: where a UNet's capacity sits (diffusers naming)."""
@@ -121,5 +121,6 @@ def export_denoiser(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir, safe_serialization=True)
     load_base_scheduler(settings["denoiser_dir"]).save_pretrained(out_dir)
+    write_timestep_scale(out_dir, base.timestep_scale)  # the network still expects the base model's timesteps
     (out_dir / "finetune.json").write_text(json.dumps(progress, indent=2))
     return out_dir

@@ -36,23 +36,27 @@ Correspondence (original → diffusers), which is exact in fp32:
 
 Not supported (a UserError says so): class-conditional checkpoints (``label_emb``; the one-shot
 denoiser is unconditional), channel_mult not starting at 1 (the 512×512 model), num_heads_upsample,
-super-resolution models, and timestep rescaling other than by a whole factor (see ``make_scheduler``).
+and super-resolution models.
+
+Schedule: the full ``diffusion_steps`` schedule as a ``DDPMScheduler``. improved-diffusion's models
+(``rescale_timesteps``, e.g. CIFAR-10: cosine, 4,000 steps) were trained on the network input t·1000/T;
+diffusers has no field for that, so the converter records the factor in ``timestep_scale.json`` and
+``load_denoiser`` calls the network with t·factor (see ``network_timestep_scale``).
 """
 
 from __future__ import annotations
 
-import math
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 from pipeline.errors import UserError
+from pipeline.models.denoiser import TIMESTEP_SCALE_FILE, write_timestep_scale
 
 GROUP_NORM_GROUPS = 32  # guided-diffusion's normalization(): GroupNorm32(32, channels), eps 1e-5
 GROUP_NORM_EPS = 1e-5
@@ -505,59 +509,53 @@ def convert_weights(
     return mover.converted
 
 
-def guided_betas(noise_schedule: str, steps: int) -> np.ndarray:
-    """guided-diffusion's ``get_named_beta_schedule`` (float64): linear scaled by 1000/T, or cosine."""
-    if noise_schedule == "linear":
-        scale = 1000 / steps
-        return np.linspace(scale * 0.0001, scale * 0.02, steps, dtype=np.float64)
-    if noise_schedule == "cosine":
-        def alpha_bar(t: float) -> float:
-            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-        return np.array([min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999) for i in range(steps)])
-    raise UserError(f"--noise-schedule must be linear or cosine, not {noise_schedule!r}")
-
-
 def make_scheduler(config: GuidedDiffusionConfig, learn_sigma: bool) -> DDPMScheduler:
-    """The DDPM schedule the checkpoint was trained with, indexed by the timestep the network expects.
+    """The DDPM schedule the checkpoint was trained with, all ``diffusion_steps`` of it.
 
-    With ``rescale_timesteps`` (improved-diffusion's default) the original network sees t·1000/T, not t.
-    A diffusers UNet sees the integer timestep itself, so for T = k·1000 the schedule is subsampled to
-    the 1000 steps t = 0, k, 2k, …: step τ then has exactly the noise level ᾱ_{kτ} the network was
-    trained to see at input τ (t* is chosen on that 1000-step grid; betas recomputed from the kept ᾱ,
-    as guided-diffusion's respacing does, so ``learned_range`` stays consistent).
+    t* is then chosen on the full schedule, as the published code does (Carlini et al. and Jeong &
+    Shin search all 4,000 steps of the CIFAR-10 model); `network_timestep_scale` says what the network
+    is called with.
     """
     steps = config.diffusion_steps
     if steps <= 0:
         raise UserError(f"--diffusion-steps must be positive, not {steps}")
-    betas = guided_betas(config.noise_schedule, steps)
     common = dict(
+        num_train_timesteps=steps,
         variance_type="learned_range" if learn_sigma else "fixed_large",
         prediction_type="epsilon",
         clip_sample=True,
-        beta_schedule="linear" if config.noise_schedule == "linear" else "squaredcos_cap_v2",
     )
-    if config.rescale_timesteps and steps != TIMESTEPS_SEEN_BY_RESCALED_MODELS:
-        if steps % TIMESTEPS_SEEN_BY_RESCALED_MODELS:
-            raise UserError(
-                f"--rescale-timesteps with --diffusion-steps {steps}: only multiples of 1000 are supported"
-            )
-        stride = steps // TIMESTEPS_SEEN_BY_RESCALED_MODELS
-        kept = np.cumprod(1.0 - betas)[::stride]
-        kept_betas = 1.0 - kept / np.concatenate(([1.0], kept[:-1]))
-        return DDPMScheduler(
-            num_train_timesteps=TIMESTEPS_SEEN_BY_RESCALED_MODELS, trained_betas=kept_betas.tolist(), **common
-        )
-    if config.noise_schedule == "linear":
-        return DDPMScheduler(num_train_timesteps=steps, beta_start=float(betas[0]), beta_end=float(betas[-1]), **common)
-    return DDPMScheduler(num_train_timesteps=steps, **common)
+    if config.noise_schedule == "linear":  # guided-diffusion's get_named_beta_schedule: scaled by 1000/T
+        scale = 1000 / steps
+        return DDPMScheduler(beta_schedule="linear", beta_start=scale * 0.0001, beta_end=scale * 0.02, **common)
+    if config.noise_schedule == "cosine":  # diffusers' squaredcos_cap_v2 is improved-diffusion's formula (tested)
+        return DDPMScheduler(beta_schedule="squaredcos_cap_v2", **common)
+    raise UserError(f"--noise-schedule must be linear or cosine, not {config.noise_schedule!r}")
+
+
+def network_timestep_scale(config: GuidedDiffusionConfig) -> float:
+    """What the network's timestep input is per schedule step: improved-diffusion's ``rescale_timesteps``
+    (its default) trained the network on t·1000/T, guided-diffusion's ImageNet models on t itself."""
+    if config.rescale_timesteps:
+        return TIMESTEPS_SEEN_BY_RESCALED_MODELS / config.diffusion_steps
+    return 1.0
+
+
+@dataclass(frozen=True)
+class ConvertedDenoiser:
+    """A converted checkpoint: the UNet, its schedule, and the timestep scale the network was trained with
+    (kept together so that saving can never drop the scale)."""
+
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    timestep_scale: float
 
 
 def convert_guided_diffusion(
     checkpoint: str | Path | Mapping[str, torch.Tensor],
     config: GuidedDiffusionConfig,
-) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Convert a guided-/improved-diffusion checkpoint (path or state dict) into (UNet2DModel, DDPMScheduler).
+) -> ConvertedDenoiser:
+    """Convert a guided-/improved-diffusion checkpoint (path or state dict) into a diffusers UNet and schedule.
 
     The UNet is returned in eval mode with fp32 weights; ``config`` fields left ``None`` are read from the
     checkpoint, the others are checked against it (UserError on any mismatch).
@@ -569,7 +567,7 @@ def convert_guided_diffusion(
         unet = UNet2DModel(**diffusers_unet_config(arch))
     target_shapes = {key: tuple(value.shape) for key, value in unet.state_dict().items()}
     unet.load_state_dict(convert_weights(state, arch, target_shapes), strict=True, assign=True)
-    return unet.eval(), scheduler
+    return ConvertedDenoiser(unet.eval(), scheduler, network_timestep_scale(config))
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> None:
@@ -581,17 +579,18 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> None:
         raise UserError(f"output directory is not empty: {out_dir} (pass --overwrite to write into it)")
 
 
-def save_converted(
-    unet: UNet2DModel, scheduler: DDPMScheduler, out_dir: str | Path, overwrite: bool = False
-) -> list[Path]:
-    """Write both into one directory (the layout ``load_denoiser`` reads); returns the files written.
+def save_converted(converted: ConvertedDenoiser, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """Write it into one directory (the layout ``load_denoiser`` reads); returns the files written.
 
-    A non-empty ``out_dir`` is refused unless ``overwrite``; overwriting replaces these files only.
+    A non-empty ``out_dir`` is refused unless ``overwrite``; overwriting replaces these files only
+    (a stale timestep scale file from an earlier conversion is removed).
     """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out_dir, safe_serialization=True)
-    scheduler.save_pretrained(out_dir)
-    written = (UNet2DModel.config_name, SAFETENSORS_WEIGHTS_NAME, DDPMScheduler.config_name)
-    return [out_dir / name for name in written]
+    converted.unet.save_pretrained(out_dir, safe_serialization=True)
+    converted.scheduler.save_pretrained(out_dir)
+    (out_dir / TIMESTEP_SCALE_FILE).unlink(missing_ok=True)
+    scale_file = write_timestep_scale(out_dir, converted.timestep_scale)
+    names = (UNet2DModel.config_name, SAFETENSORS_WEIGHTS_NAME, DDPMScheduler.config_name)
+    return [out_dir / name for name in names] + ([scale_file] if scale_file else [])

@@ -17,15 +17,26 @@ from typing import Literal
 import torch
 
 from pipeline.errors import UserError
-from pipeline.models.classifier import load_timm_classifier, load_torchscript_classifier
-from pipeline.models.denoiser import OneShotDenoiser, check_finite, load_denoiser
+from pipeline.models.classifier import (
+    Interpolation,
+    NormalizedClassifier,
+    load_hf_classifier,
+    load_timm_classifier,
+    load_torchscript_classifier,
+)
+from pipeline.models.denoiser import DenoiserFit, OneShotDenoiser, check_finite, load_denoiser
 
-ClassifierKind = Literal["digits", "timm", "torchscript"]
+ClassifierKind = Literal["digits", "timm", "torchscript", "hf"]
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """denoiser: diffusers dir; classifier: digits cache dir | timm model name | TorchScript path."""
+    """denoiser: diffusers dir; classifier: digits cache dir | timm model name | TorchScript path |
+    Hugging Face transformers save_pretrained dir (kind "hf").
+
+    denoiser_fit: how inputs of another size reach the UNet (pipeline.models.denoiser); classifier_interpolation:
+    the classifier's resize, None for the model's own config (timm / image processor).
+    """
 
     denoiser: str
     classifier_kind: ClassifierKind
@@ -33,10 +44,12 @@ class ModelSpec:
     num_classes: int
     in_chans: int = 3
     classifier_weights: str | None = None
+    denoiser_fit: DenoiserFit = "pad"
+    classifier_interpolation: Interpolation | None = None
 
     def load(self) -> tuple[OneShotDenoiser, torch.nn.Module]:
         with tempfile.TemporaryDirectory(prefix="mdds-models-") as scratch:  # loaded into memory, then removed
-            denoiser = load_denoiser(local_copy(self.denoiser, scratch))
+            denoiser = load_denoiser(local_copy(self.denoiser, scratch), self.denoiser_fit)
             if denoiser.in_channels != self.in_chans:
                 # A UNet trained on other data (RGB for the gray digits) loads fine and would only fail mid-run.
                 raise UserError(f"denoiser {self.denoiser} takes {denoiser.in_channels}-channel images but the "
@@ -47,25 +60,42 @@ class ModelSpec:
                 classifier = load_digits_classifier(self.classifier)
             elif self.classifier_kind == "timm":
                 weights = local_copy(self.classifier_weights, scratch) if self.classifier_weights else None
-                classifier = load_timm_classifier(self.classifier, weights, self.num_classes, self.in_chans)
+                classifier = load_timm_classifier(self.classifier, weights, self.num_classes, self.in_chans,
+                                                  self.classifier_interpolation)
+            elif self.classifier_kind == "hf":
+                classifier = load_hf_classifier(local_copy(self.classifier, scratch), self.in_chans,
+                                                self.classifier_interpolation)
             else:
                 classifier = load_torchscript_classifier(local_copy(self.classifier, scratch))
         check_finite(classifier, f"classifier {self.classifier}")
         return denoiser, classifier
 
-    def check(self, image_shape: tuple[int, int, int]) -> None:
-        """Load both models once (in the driver) and check the classifier's output width.
+    def check(self, image_shape: tuple[int, int, int]) -> tuple[str, ...]:
+        """Load both models once (in the driver), check the image size against the denoiser fit and the
+        classifier's output width; returns the report lines saying how images reach both models.
 
-        A bad path or unreadable weights then fail as one line before any actor starts, and a
-        TorchScript classifier with more logits than the preset's classes cannot spill its argmax
-        into another image's counts.
+        A bad path, unreadable weights or an image size the fit cannot handle then fail as one line
+        before any actor starts, and a TorchScript classifier with more logits than the preset's classes
+        cannot spill its argmax into another image's counts.
         """
-        _, classifier = self.load()
+        denoiser, classifier = self.load()
+        denoiser.check_size(image_shape[1:])
         with torch.inference_mode():
             logits = classifier(torch.full((1, *image_shape), 0.5))
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise UserError(f"classifier {self.classifier} returns logits of shape {tuple(logits.shape)} for one "
                             f"{'x'.join(map(str, image_shape))} image; expected (1, {self.num_classes})")
+        return model_notes(denoiser, classifier, image_shape[1:])
+
+
+def model_notes(denoiser: OneShotDenoiser, classifier: torch.nn.Module, size: tuple[int, int]) -> tuple[str, ...]:
+    """Report lines: the denoiser fit and the classifier's resize for images of `size`, which decide
+    whether the numbers can be compared with a published setup (docs/imagenet-cifar.md)."""
+    if isinstance(classifier, NormalizedClassifier):
+        resize = classifier.describe_resize(size)
+    else:
+        resize = "inside the TorchScript classifier"
+    return f"denoiser fit: {denoiser.describe_fit(size)}", f"classifier interpolation: {resize}"
 
 
 def local_copy(location: str, scratch: str) -> str:

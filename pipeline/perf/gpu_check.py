@@ -26,6 +26,7 @@ from pipeline.models.guided_diffusion import (
     GuidedDiffusionConfig,
     diffusers_unet_config,
     make_scheduler,
+    network_timestep_scale,
     resolve_architecture,
 )
 from pipeline.sampling.noise import Phase
@@ -57,7 +58,8 @@ def guided_denoiser(config: GuidedDiffusionConfig, device: torch.device) -> OneS
     arch = resolve_architecture(config, layout)
     with torch.device(device):  # initialise on the device: ~550M parameters at 256×256
         unet = UNet2DModel(**diffusers_unet_config(arch)).eval()
-    return denoiser_from_parts(unet, make_scheduler(config, arch.learn_sigma))
+    return denoiser_from_parts(unet, make_scheduler(config, arch.learn_sigma),
+                               timestep_scale=network_timestep_scale(config))
 
 
 def timm_classifier(name: str, input_size: int, device: torch.device) -> NormalizedClassifier:

@@ -127,6 +127,31 @@ def test_preprocess_equals_torchvision_resize_crop_to_tensor(tmp_path, size, gra
     np.testing.assert_array_equal(ours, _reference_pixels(str(path), 256, 224))
 
 
+@pytest.mark.parametrize("size", [(300, 250), (250, 300), (224, 224), (511, 263), (37, 29)])
+def test_tensor_bicubic_preprocess_equals_the_multiscale_codes_transform(tmp_path, size):
+    """resize224-crop224: ToTensor, then Resize(224, bicubic) of the float tensor as torchvision 0.13 ran it
+    (no antialias, no clamp), then CenterCrop(224)."""
+    from pipeline.data.decode import PREPROCESSING
+
+    chosen = PREPROCESSING["resize224-crop224"]
+    path = tmp_path / "image.png"
+    Image.fromarray(_random_pixels(np.random.default_rng(sum(size)), *size, 3)).save(path)
+    reference = transforms.Compose([
+        transforms.ToTensor(),
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC, antialias=False),
+        transforms.CenterCrop(224),
+    ])
+    with Image.open(path) as image:
+        ours = preprocess(image, mode="RGB", resize=chosen.resize, crop=chosen.crop, location=str(path),
+                          resample=chosen.resample)
+        expected = reference(image.convert("RGB")).numpy()
+    assert ours.dtype == np.float32 and ours.shape == (3, 224, 224)
+    np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
+    if size != (224, 224):  # the other preset resamples differently: the comparison can fail
+        bilinear = preprocess(Image.open(path), mode="RGB", resize=224, crop=224, location=str(path))
+        assert np.abs(bilinear - expected).max() > 1e-2
+
+
 def test_preprocess_grayscale_mode_and_crop_larger_than_image():
     pixels = _random_pixels(np.random.default_rng(1), 10, 12, 3)
     gray = preprocess(Image.fromarray(pixels), mode="L", resize=None, crop=None, location="x")
@@ -172,6 +197,20 @@ def test_class_folder_subset_keeps_ids_and_reads_only_selected(ray_session, clas
         path, label = reference[image_id]
         assert row["label"] == label
         np.testing.assert_array_equal(row["image"], _reference_pixels(path, 20, 16))
+
+
+def test_class_folder_resamples_as_asked(ray_session, class_tree):
+    """The resample choice reaches the Ray decode step (the multi-scale code's bicubic float resize)."""
+    reference = _reference_samples(class_tree)
+    source = class_folder_source(str(class_tree), resize=20, crop=16, num_images=2, resample="tensor-bicubic")
+    rows = _by_id(source.read().take_all())
+    for image_id, row in rows.items():
+        with Image.open(reference[image_id][0]) as image:
+            expected = preprocess(image, mode="RGB", resize=20, crop=16, location="", resample="tensor-bicubic")
+        np.testing.assert_array_equal(row["image"], expected)
+        assert np.abs(row["image"] - _reference_pixels(reference[image_id][0], 20, 16)).max() > 1e-3
+    with pytest.raises(UserError, match="resample must be one of"):
+        class_folder_source(str(class_tree), resample="lanczos")
 
 
 def test_class_folder_file_url_and_keep_size(ray_session, tmp_path):

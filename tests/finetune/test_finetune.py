@@ -170,6 +170,39 @@ def test_diffusion_loss_is_ddpm_epsilon_mse_with_diffusers_add_noise():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("fit, padding", [("pad", 2), ("native", 0)])
+def test_diffusion_loss_reaches_the_unet_with_the_denoisers_fit(fit: str, padding: int):
+    """12x12 images and a 16x16 UNet: L_diff trains on what certification feeds the UNet (reflection-padded
+    images for pad, the images at their own size for native), not on a resized copy."""
+    unet, scheduler = tiny_unet(), tiny_scheduler()
+    denoiser = denoiser_from_parts(unet, scheduler, fit=fit)
+    clean = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    loss = diffusion_loss(denoiser, clean, 300, torch.Generator().manual_seed(7))
+    generator = torch.Generator().manual_seed(7)
+    timesteps = torch.randint(0, 301, (6,), generator=generator)
+    x0 = F.pad(2 * clean - 1, (padding,) * 4, mode="reflect") if padding else 2 * clean - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    with torch.no_grad():
+        expected = F.mse_loss(unet(scheduler.add_noise(x0, noise, timesteps), timesteps).sample, noise)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_job_passes_the_denoiser_fit_on_and_resume_keeps_it(tmp_path):
+    from dataclasses import asdict
+
+    job = load_job()
+    args = job.build_parser().parse_args(["--out", str(tmp_path), "--denoiser-fit", "native"])
+    flags, _ = job._resolve_flags(args, tmp_path)
+    settings = job._settings(flags, job._loss_settings(flags), "denoiser", "digits", "classifier", 10, 100)
+    assert settings.denoiser_fit == "native"
+    (tmp_path / job.RUN_RECORD).write_text(json.dumps({"settings": asdict(settings), "probe_images": 64}))
+    resumed = job.build_parser().parse_args(["--out", str(tmp_path), "--resume"])
+    assert job._resolve_flags(resumed, tmp_path)[0]["denoiser_fit"] == "native"
+    changed = job.build_parser().parse_args(["--out", str(tmp_path), "--resume", "--denoiser-fit", "pad"])
+    with pytest.raises(UserError, match="--denoiser-fit pad differs from the run's native"):
+        job._resolve_flags(changed, tmp_path)
+
+
 def test_classification_terms_train_the_denoiser_only():
     unet = tiny_unet()
     denoiser = denoiser_from_parts(unet, tiny_scheduler())

@@ -175,6 +175,16 @@ def _no_scheduler(root: Path) -> Path:
     return target
 
 
+def _smaller_unet(root: Path) -> Path:
+    return save_denoiser(root / "small", sample_size=8)  # 16x16 digits cannot be padded to 8x8
+
+
+def _bad_timestep_scale(root: Path) -> Path:
+    target = save_denoiser(root / "bad-scale")
+    (target / "timestep_scale.json").write_text('{"scale": 0.25}')
+    return target
+
+
 @pytest.mark.parametrize("make, fragments", [
     (_missing, ["denoiser directory not found"]),
     (_nan_weights, ["NaN", "conv_out.weight"]),
@@ -182,8 +192,10 @@ def _no_scheduler(root: Path) -> Path:
     (_weights_of_another_unet, ["could not load denoiser", "weights do not fit config.json", "expected shape"]),
     (_corrupt_safetensors, ["could not load denoiser"]),
     (_no_scheduler, ["scheduler_config.json"]),
+    (_smaller_unet, ["--denoiser-fit pad", "larger than the denoiser's 8x8", "native"]),
+    (_bad_timestep_scale, ["timestep_scale.json", "not a timestep scale record"]),
 ], ids=["missing", "nan_weights", "rgb_unet_for_gray_data", "weights_of_another_unet", "corrupt_safetensors",
-        "no_scheduler"])
+        "no_scheduler", "unet_smaller_than_the_images", "bad_timestep_scale"])
 def test_bad_denoiser(make, fragments, tmp_path, digits_cache, ray_session, monkeypatch, capfd):
     denoiser = make(tmp_path)
     before = snapshot(denoiser) if denoiser.exists() else {}
@@ -316,7 +328,8 @@ def imagenet_args(tiny: dict[str, Path], out: Path, *extra: str, classifier: str
                   weights: str = "weights", data: str = "data") -> list[str]:
     return ["--preset", "imagenet", "--data", str(tiny[data]), "--denoiser", str(tiny["denoiser"]),
             "--classifier", classifier, "--classifier-weights", str(tiny[weights]), "--num-images", "4",
-            "--n", "20", "--n-select", "10", "--skip", "1", "--sigmas", "0.5", "--out", str(out), *extra]
+            "--n", "20", "--n-select", "10", "--skip", "1", "--sigmas", "0.5", "--out", str(out),
+            "--denoiser-fit", "resize", *extra]  # resize: the 32x32 UNet stays at 32, cheap on a CPU
 
 
 @pytest.mark.slow

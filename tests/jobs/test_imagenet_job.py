@@ -34,6 +34,7 @@ from pipeline.models.spec import ModelSpec
 from pipeline.sampling.noise import Phase
 from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
+from tests.models.test_classifiers import save_tiny_vit
 from tests.models.test_guided_diffusion import random_reference, save_reference
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")]
@@ -180,12 +181,20 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
     job_env, imagenet_tree, guided_denoiser, timm_weights, tmp_path
 ):
     out = tmp_path / "out"
+    # --denoiser-fit resize keeps the 32x32 UNet at 32 (cheap on a CPU); pad and native are checked
+    # against the published path in tests/test_denoiser_fit.py.
     result = run_job("certify.py", "--preset", "imagenet", "--data", str(imagenet_tree),
                      "--denoiser", str(guided_denoiser), "--classifier", "test_vit",
-                     "--classifier-weights", str(timm_weights), *SMALL_RUN, "--out", str(out), env=job_env)
+                     "--classifier-weights", str(timm_weights), "--denoiser-fit", "resize", *SMALL_RUN,
+                     "--out", str(out), env=job_env)
     assert succeeded(result)
     # image ids follow ImageFolder order: sorted class folders (n01, n02, n03), then file names
     check_results(out, image_ids=[0, 1, 2, 3], labels=[0, 0, 1, 1])
+    report = (out / "report.md").read_text()
+    for line in ("- preprocessing: resize256-crop224 (pil-bilinear; Cohen et al., Carlini et al.)",
+                 "- denoiser fit: resize (bilinear 224x224 -> 32x32 and back; changes the noise statistics)",
+                 "- classifier interpolation: bicubic, antialiased, 224x224 -> 160x160"):
+        assert line in report.splitlines(), report
 
     # The first scale's counts equal a direct computation on torchvision's reference preprocessing
     # (Resize 256, CenterCrop 224) of the files that ids 0 and 2 name, with the same models and seed.
@@ -194,7 +203,8 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
     reference = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
     images = torch.stack([reference(Image.open(imagenet_tree / folder / "ILSVRC2012_val_0.JPEG").convert("RGB"))
                           for folder in ("n01", "n02")])
-    spec = ModelSpec(str(guided_denoiser), "timm", "test_vit", 1000, classifier_weights=str(timm_weights))
+    spec = ModelSpec(str(guided_denoiser), "timm", "test_vit", 1000, classifier_weights=str(timm_weights),
+                     denoiser_fit="resize")
     fused = FusedDenoiseClassify(*spec.load(), num_classes=1000, device="cpu", batch_size=400)
     expected = fused.count(images, [0, 2], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
     np.testing.assert_array_equal(counts.select_counts[[0, 2], 0], expected[Phase.SELECT][:, 0])
@@ -211,6 +221,11 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
                      "--out", str(out), env=job_env)
     assert succeeded(result)
     table = check_results(out, image_ids=[0, 1, 2, 3], labels=CIFAR_LABELS[:4])
+    report = (out / "report.md").read_text().splitlines()
+    for line in ("- preprocessing: none (32x32 as stored)",
+                 "- denoiser fit: pad (the UNet's own size, 32x32: nothing to fit)",
+                 "- classifier interpolation: inside the TorchScript classifier"):
+        assert line in report
     # Every noisy sample is classified FAVOURED_CLASS, so stage 1 (sigma = 1) certifies it with the
     # one-sided Clopper-Pearson bound for n of n successes, a^(1/n), at the union level a = alpha/6:
     # three scales were asked for, so T = 3·4/2 = 6 intervals, fixed before any count is seen, even
@@ -221,6 +236,51 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
     counts = counts_to_arrays(read_counts(out / "counts"))
     assert counts.estimate_counts.shape == (4, 1, 10)
     assert (counts.estimate_counts[:, 0, FAVOURED_CLASS] == 16).all()
+
+
+def test_cifar10_job_with_converted_improved_diffusion_and_a_hugging_face_vit(
+    job_env, cifar_dir, tmp_path_factory, tmp_path
+):
+    """CIFAR-10 as both papers run it, in miniature: an improved-diffusion-layout checkpoint (cosine,
+    4,000 steps, rescaled timesteps, learned sigma) converted by the converter job, and a transformers
+    ViT at 64x64 (the data are 32x32: resized bicubic, as Carlini et al.) given as hf:DIR. The actors'
+    counts equal a direct computation with the same models: both read timestep_scale.json and the
+    image processor config the same way."""
+    folder = tmp_path_factory.mktemp("improved")
+    checkpoint = save_reference(
+        random_reference(model_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_ds=(2,), num_heads=4,
+                         resblock_updown=False),
+        folder / "cifar10_uncond_tiny.pt",
+    )
+    flags = ["--image_size", "32", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+             "--attention_resolutions", "16", "--num_heads", "4", "--learn_sigma", "True",
+             "--resblock_updown", "False", "--diffusion_steps", "4000", "--noise_schedule", "cosine",
+             "--rescale_timesteps", "True"]
+    assert succeeded(run_job("convert_guided_diffusion.py", str(checkpoint), str(folder / "denoiser"), *flags,
+                             env=job_env))
+    assert (folder / "denoiser" / "timestep_scale.json").is_file()
+    vit = save_tiny_vit(folder / "vit", size=64)
+    out = tmp_path / "out"
+    result = run_job("certify.py", "--preset", "cifar10", "--data", str(cifar_dir), "--denoiser",
+                     str(folder / "denoiser"), "--classifier", f"hf:{vit}", "--classifier-interpolation", "bicubic",
+                     *SMALL_RUN, "--out", str(out), env=job_env)
+    assert succeeded(result)
+    check_results(out, image_ids=[0, 1, 2, 3], labels=CIFAR_LABELS[:4])
+    assert "- classifier interpolation: bicubic, antialiased, 32x32 -> 64x64" in (out / "report.md").read_text()
+
+    counts = counts_to_arrays(read_counts(out / "counts"))
+    spec = ModelSpec(str(folder / "denoiser"), "hf", str(vit), 10, classifier_interpolation="bicubic")
+    fused = FusedDenoiseClassify(*spec.load(), num_classes=10, device="cpu", batch_size=400)
+    assert fused.denoiser.timestep_scale == 0.25 and fused.denoiser.timestep_for_sigma(1.0) > 1000
+    images = torch.from_numpy(load_cifar_rows(cifar_dir)[:2].reshape(2, 3, 32, 32).astype(np.float32) / np.float32(255))
+    expected = fused.count(images, [0, 1], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
+    np.testing.assert_array_equal(counts.select_counts[:2, 0], expected[Phase.SELECT][:, 0])
+    np.testing.assert_array_equal(counts.estimate_counts[:2, 0], expected[Phase.ESTIMATE][:, 0])
+
+
+def load_cifar_rows(folder: Path) -> np.ndarray:
+    with open(folder / "test_batch", "rb") as handle:
+        return pickle.load(handle)[b"data"]
 
 
 def test_missing_data_is_a_one_line_error_with_exit_code_2(job_env, timm_weights, tmp_path):
@@ -271,7 +331,9 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--data", "--denoiser", "--classifier", "--classifier-weights", "--out", "--num-images", "--skip",
-                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--device", "--resume"):
+                 "--sigmas", "--n-select", "--n ", "--alpha", "--num-actors", "--device", "--resume",
+                 "--denoiser-fit pad|native|resize", "--preprocess resize256-crop224|resize224-crop224",
+                 "--classifier-interpolation bicubic|bilinear|nearest"):
         assert flag in text
     assert "convert_guided_diffusion.py" in text and "ray job submit" in text and "s3://" in text
     assert "imagenet  --sigmas 1,0.5,0.25  --n-select 100  --n 10000  --alpha 0.001  --skip 100" in text
@@ -285,7 +347,10 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
         request = request_from_args(build_parser(preset, "").parse_args([]))
         assert request.sampling.sigmas == (1.0, 0.5, 0.25)
         assert (request.sampling.n_select, request.sampling.n, request.sampling.alpha) == (100, n, 0.001)
-    assert request_from_args(build_parser("imagenet", "").parse_args([])).data.skip == 100
+    imagenet = request_from_args(build_parser("imagenet", "").parse_args([]))
+    assert imagenet.data.skip == 100
+    # pad: the published multi-scale code's denoiser fit; preprocessing None: resize256-crop224 (Cohen, Carlini)
+    assert imagenet.models.denoiser_fit == "pad" and imagenet.data.preprocess is None
 
 
 def test_device_flag_decides_whether_actors_ask_for_a_gpu(monkeypatch):

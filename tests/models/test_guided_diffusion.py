@@ -20,11 +20,13 @@ from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
 from pipeline.models.guided_diffusion import (
     PRESETS,
     GuidedDiffusionConfig,
     convert_guided_diffusion,
     make_scheduler,
+    network_timestep_scale,
     save_converted,
 )
 
@@ -276,7 +278,7 @@ CASES = {
 def test_converted_unet_matches_the_original_architecture(tmp_path: Path, case: str) -> None:
     arch, config = CASES[case]
     reference = random_reference(**arch)
-    unet, _ = convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config)
+    unet = convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config).unet
     in_channels = arch.get("in_channels", 3)
     assert max_abs_difference(reference, unet, config.image_size, in_channels) <= TOLERANCE
 
@@ -284,8 +286,8 @@ def test_converted_unet_matches_the_original_architecture(tmp_path: Path, case: 
 def test_saved_directory_reloads_with_diffusers(tmp_path: Path) -> None:
     arch, config = CASES["imagenet-like: resblock up/down, scale-shift, num_head_channels, 6 outputs"]
     reference = random_reference(seed=3, **arch)
-    unet, scheduler = convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config)
-    written = save_converted(unet, scheduler, tmp_path / "out")
+    converted = convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config)
+    written = save_converted(converted, tmp_path / "out")
     expected_files = {"config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"}
     assert {path.name for path in written} == expected_files
     assert all(path.is_file() for path in written)
@@ -304,9 +306,9 @@ def test_the_comparison_detects_a_wrong_head_split(tmp_path: Path) -> None:
     arch, config = CASES["imagenet-like: resblock up/down, scale-shift, num_head_channels, 6 outputs"]
     reference = random_reference(**arch)
     path = save_reference(reference, tmp_path / "model.pt")
-    wrong, _ = convert_guided_diffusion(path, replace(config, use_new_attention_order=True))
+    wrong = convert_guided_diffusion(path, replace(config, use_new_attention_order=True)).unet
     assert max_abs_difference(reference, wrong, 16) > 1e-3
-    fewer_heads, _ = convert_guided_diffusion(path, replace(config, num_head_channels=32))
+    fewer_heads = convert_guided_diffusion(path, replace(config, num_head_channels=32)).unet
     assert max_abs_difference(reference, fewer_heads, 16) > 1e-3
 
 
@@ -333,15 +335,80 @@ def test_scheduler_reproduces_the_original_schedule(schedule: str, steps: int) -
     assert scheduler.config.variance_type == "learned_range"
 
 
-def test_rescaled_timesteps_subsample_the_schedule_to_what_the_network_sees() -> None:
-    """improved-diffusion feeds the network t·1000/T: diffusers step τ must carry the noise of original step 4τ."""
+def test_rescaled_models_keep_their_whole_schedule_and_a_timestep_scale() -> None:
+    """improved-diffusion feeds the network t·1000/T: all T steps stay (t* is searched on them) and the
+    network's input is scaled instead; guided-diffusion's ImageNet model sees t itself."""
     config = PRESETS["cifar10-improved"]
-    scheduler = make_scheduler(config, learn_sigma=True)
-    assert scheduler.config.num_train_timesteps == 1000
-    original = original_alphas_cumprod("cosine", 4000)
-    np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), original[::4], rtol=2e-5, atol=1e-7)
-    with pytest.raises(UserError, match="multiples of 1000"):
-        make_scheduler(replace(config, diffusion_steps=1500), learn_sigma=True)
+    assert make_scheduler(config, learn_sigma=True).config.num_train_timesteps == 4000
+    assert network_timestep_scale(config) == 0.25
+    assert network_timestep_scale(replace(config, diffusion_steps=1500)) == pytest.approx(1000 / 1500)
+    assert network_timestep_scale(PRESETS["imagenet256-uncond"]) == 1.0
+
+
+def published_timestep(sqrt_alphas_cumprod: np.ndarray, sigma: float) -> int:
+    """t* as the published code searches it (Carlini et al.: the first t >= 1 with sqrt(1-ᾱ)/sqrt(ᾱ) >= 2σ)."""
+    t = 0
+    noise_level = 0.0
+    while noise_level < 2 * sigma:
+        t += 1
+        noise_level = math.sqrt(1 - sqrt_alphas_cumprod[t] ** 2) / sqrt_alphas_cumprod[t]
+    return t
+
+
+@pytest.mark.parametrize("sigma", [0.12, 0.25, 0.5, 1.0])
+def test_timestep_for_sigma_on_the_4000_step_cosine_schedule(sigma: float) -> None:
+    """t*(σ) of the converted CIFAR-10 schedule equals a direct float64 computation on improved-diffusion's
+    cosine schedule, and the published search loop (which uses sqrt(1-ᾱ)/sqrt(ᾱ) instead)."""
+    scheduler = make_scheduler(PRESETS["cifar10-improved"], learn_sigma=True)
+    denoiser = denoiser_from_parts(UNet2DModel(**TINY_DIFFUSERS_UNET), scheduler)
+    sqrt_alphas_cumprod = np.sqrt(original_alphas_cumprod("cosine", 4000))
+    direct = int(np.flatnonzero(sqrt_alphas_cumprod <= 1 / math.sqrt(1 + (2 * sigma) ** 2))[0])
+    assert denoiser.timestep_for_sigma(sigma) == direct == published_timestep(sqrt_alphas_cumprod, sigma)
+
+
+TINY_DIFFUSERS_UNET = dict(sample_size=32, block_out_channels=(32, 64), norm_num_groups=8,
+                           down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+# cifar10_uncond_50M_500K.pt's layout (32x32, num_res_blocks 3, channel_mult 1,2,2,2, attention at 16 and 8,
+# 4 heads, conv up/down, learned sigma) at 32 instead of 128 base channels.
+CIFAR10_LAYOUT = dict(model_channels=32, num_res_blocks=3, channel_mult=(1, 2, 2, 2), attention_ds=(2, 4),
+                      num_heads=4, resblock_updown=False)
+
+
+def published_one_shot(reference: RefUNet, alphas_cumprod: np.ndarray, noisy: torch.Tensor, t: int) -> torch.Tensor:
+    """improved-diffusion's one-shot x̂₀ (rescale_timesteps, learned sigma), from its description: the network
+    sees t·1000/T, ε is its first 3 channels, x̂₀ = x_t/sqrt(ᾱ) - sqrt(1/ᾱ - 1)·ε, clipped; back to [0, 1]."""
+    alpha_bar = float(alphas_cumprod[t])
+    x_t = math.sqrt(alpha_bar) * (2 * noisy - 1)
+    steps = torch.full((len(noisy),), t * 1000.0 / len(alphas_cumprod))
+    epsilon = reference(x_t, steps)[:, :3]
+    x0 = x_t / math.sqrt(alpha_bar) - math.sqrt(1 / alpha_bar - 1) * epsilon
+    return (x0.clamp(-1, 1) + 1) / 2
+
+
+def test_converted_cifar10_checkpoint_denoises_like_improved_diffusion(tmp_path: Path) -> None:
+    """The converter's CIFAR-10 path end to end: the improved-diffusion layout with random weights is
+    converted with the cifar10-improved preset, saved, reloaded, and its one-shot x̂₀ at t*(σ) on the
+    4,000-step schedule matches the original network fed t·1000/4000 (fp32, 1e-4)."""
+    reference = random_reference(seed=5, **CIFAR10_LAYOUT)
+    config = replace(PRESETS["cifar10-improved"], num_channels=32)
+    written = save_converted(convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config),
+                             tmp_path / "out")
+    assert (tmp_path / "out" / "timestep_scale.json") in written
+    denoiser = load_denoiser(tmp_path / "out")
+    alphas_cumprod = original_alphas_cumprod("cosine", 4000)
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(4, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        for sigma in (0.25, 0.5, 1.0):
+            noisy = images + sigma * torch.randn(images.shape, generator=generator)
+            t = denoiser.timestep_for_sigma(sigma)
+            expected = published_one_shot(reference, alphas_cumprod, noisy, t)
+            actual = denoiser(noisy, torch.full((4,), t))
+            assert (actual - expected).abs().max().item() <= TOLERANCE
+
+        (tmp_path / "out" / "timestep_scale.json").unlink()  # the network would see t instead of t/4
+        unscaled = load_denoiser(tmp_path / "out")(noisy, torch.full((4,), t))
+    assert (unscaled - expected).abs().max().item() > 1e-3
 
 
 def test_linear_schedule_without_variance_learning_uses_fixed_variance() -> None:
@@ -367,7 +434,8 @@ PRESET_ARCHITECTURES = {
 def test_presets_fit_full_size_checkpoints(preset: str) -> None:
     with torch.device("meta"):
         reference = RefUNet(**PRESET_ARCHITECTURES[preset])
-    unet, scheduler = convert_guided_diffusion(reference.state_dict(), PRESETS[preset])
+    converted = convert_guided_diffusion(reference.state_dict(), PRESETS[preset])
+    unet, scheduler = converted.unet, converted.scheduler
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in reference.parameters())
     assert unet.config.out_channels == 6 and unet.config.sample_size == PRESETS[preset].image_size
     assert unet.config.attention_head_dim == 64
