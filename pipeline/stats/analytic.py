@@ -195,7 +195,7 @@ EXAMPLE_CASCADE_INPUTS: dict[str, float] = {
 }
 
 
-#: Classes of ``routing_cascade``: the point's class A, its neighbours B and C at sigma 1.0.
+#: Classes of ``line_cascade`` and ``boundary_cascade``: the class A around 0, its neighbours B and C.
 A, B, C = 0, 1, 2
 
 

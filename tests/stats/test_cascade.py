@@ -162,7 +162,7 @@ def test_two_group_cap_uses_the_published_fallback_class_in_reference_mode_only(
     # Stage 1 selected class 0 although class 1 holds 97.8% of its votes; pooling leaves two groups
     # [978, 22] once class 1 (certified at stage 2) is set aside. The published code bounds the
     # others by 1 - p̲(ĉ_1 = class 0) ≈ 0.99: negative cap, abstain. Union mode's exact family
-    # bounds class 0 (20 votes) by about 3.5%: a positive cap, so it certifies class 1.
+    # bounds class 0 (20 votes) by about 4.3%: a positive cap, so it certifies class 1.
     select = [[60, 40, 0, 0], [0, 100, 0, 0], ZERO]
     estimate = [[20, 978, 2, 0], [0, 1000, 0, 0], ZERO]
     assert reduce_counts(np.array(estimate[0]), 1) == [978, 22]
