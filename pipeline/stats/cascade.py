@@ -46,7 +46,7 @@ Reference mode (``alpha_mode="reference"``)
 Reproduces the published code: stage k (1-based) uses alpha / k for its bounds and for the Goodman
 caps it computes from every earlier stage, and routes as ``"cascade"``. There is no event like E
 (its levels do not sum to alpha, and Goodman is a chi-square approximation with data-dependent
-pooling), so it carries no guarantee: tests/test_coverage.py exhibits an input where its
+pooling), so it carries no guarantee: tests/stats/test_coverage.py exhibits an input where its
 certificate is wrong with probability above alpha. In the two-group case of its Goodman cap
 (``pipeline.stats.bounds.other_class_upper``) it follows the published code and bounds the other
 classes by 1 - p̲ of stage j's own class ĉ_j.

@@ -44,8 +44,9 @@ def test_a_100_image_early_exit_run_is_one_execution_with_few_workers(digits_cac
     args = build_parser("digits", "test").parse_args(
         ["--num-images", "100", "--n", "100", "--n-select", "20", "--sigmas", "1.0,0.5,0.25", "--num-actors", "2",
          "--out", str(out)])
+    request = request_from_args(args)
     with PeakRayWorkers() as workers:
-        certify(request_from_args(args))
+        certify(request)
     assert len(executions) == 1, executions
     assert 2 <= workers.peak <= 2 + 4, f"{workers.peak} Ray worker processes for 2 actors"
 
@@ -56,6 +57,7 @@ def test_a_100_image_early_exit_run_is_one_execution_with_few_workers(digits_cac
         reached = arrays.present[:, stage - 1]
         sent = np.zeros(100, dtype=bool)
         sent[reached] = needs_next_stage(arrays.select_counts[reached, :stage], arrays.estimate_counts[reached, :stage],
-                                         len(SIGMAS), 0.001, "union", 0.5, args.routing)
+                                         len(SIGMAS), 0.001, "union", 0.5,
+                                         request.sampling.routing)
         np.testing.assert_array_equal(arrays.present[:, stage], sent)
     assert arrays.present[:, 1].any(), "no image reached the second scale: the routing check would be vacuous"

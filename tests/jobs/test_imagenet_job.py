@@ -182,7 +182,7 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
 ):
     out = tmp_path / "out"
     # --denoiser-fit resize keeps the 32x32 UNet at 32 (cheap on a CPU); pad and native are checked
-    # against the published path in tests/test_denoiser_fit.py.
+    # against the published path in tests/models/test_denoiser_fit.py.
     result = run_job("certify.py", "--preset", "imagenet", "--data", str(imagenet_tree),
                      "--denoiser", str(guided_denoiser), "--classifier", "test_vit",
                      "--classifier-weights", str(timm_weights), "--denoiser-fit", "resize", *SMALL_RUN,

@@ -2,7 +2,7 @@
 
 The white-noise test looks at what the UNet is actually given: a stand-in UNet records the moments of
 its input. The parity test rebuilds the published multi-scale path here, from its description (the
-original guided-diffusion UNet of tests/test_guided_diffusion.py behind a reflection-pad/center-crop
+original guided-diffusion UNet of tests/models/test_guided_diffusion.py behind a reflection-pad/center-crop
 wrapper, x_t = sqrt(ᾱ_t*)·x', ε → x̂₀, clip, (x̂₀+1)/2, the classifier's bicubic resize), and feeds it
 the very noise tensors the kernel draws.
 """
