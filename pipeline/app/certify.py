@@ -144,6 +144,7 @@ def certify(request: CertifyRequest) -> str:
     if workload.locations is not None:
         present = set(arrays.image_ids.tolist())
         skipped = [workload.locations[i] for i in sorted(workload.locations) if i not in present]
+    stopwatch.lap("reduce")
     header = "\n".join([
         f"# mdds certification report ({request.preset.name})",
         "",
@@ -155,7 +156,6 @@ def certify(request: CertifyRequest) -> str:
         f"- wall time: {stopwatch.summary()}",
         *([f"- skipped unreadable images ({len(skipped)}): {', '.join(skipped)}"] if skipped else []),
     ])
-    stopwatch.lap("reduce")
     report, png = render_report(tables, header)
     write_bytes(join(request.out, "report.md"), report.encode())
     write_bytes(join(request.out, "certified_accuracy.png"), png)

@@ -79,8 +79,11 @@ def sample_counts(
     print(f"[mdds] {config.strategy}: sampling {len(todo)} image(s) "
           f"({len(image_ids) - len(todo)} already done)", flush=True)
     if len(todo):
-        # At most --images-per-batch, and fewer when that would leave actors idle (a small run).
-        per_batch = min(execution.images_per_batch, -(-len(todo) // execution.num_actors))
+        # At most --images-per-batch per batch, and as many batches as a multiple of the actors, so no
+        # actor idles while another works through a last batch (on 2 cores: 8 batches of 13, not 7 of 16).
+        batches = -(-len(todo) // execution.images_per_batch)
+        batches = -(-batches // execution.num_actors) * execution.num_actors
+        per_batch = -(-len(todo) // batches)
         batches = -(-len(todo) // per_batch)
         dataset = dataset_for(todo, min(batches, 4 * execution.num_actors))
         counted = dataset.map_batches(
