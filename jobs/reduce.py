@@ -16,7 +16,8 @@ from pipeline.app.cli import run_main
 from pipeline.store.counts import counts_to_arrays, read_counts
 from pipeline.errors import UserError
 from pipeline.app.presets import parse_sigmas
-from pipeline.app.reduce import reduce_cascade
+from pipeline.app.reduce import reduce_adaptive, reduce_cascade
+from pipeline.store.run_config import counts_run_settings
 
 
 def run_sigmas(counts: str, flag: str | None) -> tuple[float, ...] | None:
@@ -51,7 +52,15 @@ def main() -> None:
     if args.sigmas:  # an explicit subset: reduce the cascade over those scales only
         table = table.filter(pc.is_in(table["sigma"], value_set=pa.array(sigmas, pa.float64())))
     arrays = counts_to_arrays(table, sigmas)
-    results = reduce_cascade(arrays, args.alpha, args.alpha_mode, args.p0)
+    sampled = counts_run_settings(args.counts) or {}
+    if sampled.get("strategy") == "adaptive":  # stopped on the data: Clopper-Pearson would over-claim
+        if args.alpha_mode != "union" or args.sigmas:
+            raise UserError("adaptive counts reduce with the sequential rule over the run's own scales, in union "
+                            "mode only (drop --alpha-mode / --sigmas)")
+        results = reduce_adaptive(arrays, args.alpha, args.p0, sampled.get("routing", "cascade"),
+                                  sampled.get("target_radii", ()))
+    else:
+        results = reduce_cascade(arrays, args.alpha, args.alpha_mode, args.p0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     pq.write_table(results, tmp)

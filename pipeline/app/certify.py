@@ -34,6 +34,7 @@ def run_settings(sampling: SamplingConfig) -> dict:
     """The run's settings as stored in run_config.json and in every shard's metadata."""
     settings = asdict(sampling)
     settings["sigmas"] = list(settings["sigmas"])
+    settings["target_radii"] = list(settings["target_radii"])  # as JSON reads it back, for the resume check
     return settings
 
 
@@ -61,7 +62,7 @@ def certify(request: CertifyRequest) -> str:
     workload, arrays = collect_counts(request)
     adaptive = sampling.strategy == "adaptive"
     if adaptive:
-        results = reduce_adaptive(arrays, sampling.alpha, sampling.p0)
+        results = reduce_adaptive(arrays, sampling.alpha, sampling.p0, sampling.routing, sampling.target_radii)
     else:
         results = reduce_cascade(arrays, sampling.alpha, sampling.alpha_mode, sampling.p0)
     write_parquet(results, join(request.out, "results.parquet"))
@@ -81,7 +82,11 @@ def certify(request: CertifyRequest) -> str:
         *[f"- {line}" for line in workload.notes],
         f"- images: {results.num_rows}; sigmas {list(sampling.sigmas)}; n_select={sampling.n_select}, "
         f"n={sampling.n}; alpha={sampling.alpha} ({sampling.alpha_mode} mode); p0={sampling.p0}; "
-        f"sampling: {sampling.strategy}",
+        f"sampling: {sampling.strategy}; routing: {sampling.routing}",
+        *([f"- target-radius run: each image was only asked whether it is certified at radius "
+           f"{', '.join(f'{r:g}' for r in sampling.target_radii)}; its radius is the largest of these proven "
+           f"(images with none abstain), so certified accuracy is meaningful at these radii only"]
+          if sampling.target_radii else []),
         f"- wall time: {time.perf_counter() - started:.1f} s",
         *([f"- skipped unreadable images ({len(skipped)}): {', '.join(skipped)}"] if skipped else []),
     ])

@@ -7,9 +7,11 @@ run were stopped on the data and go to the confidence-sequence cascade
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 
-from pipeline.stats.cascade import AlphaMode, certify_cascade, certify_single_scale
+from pipeline.stats.cascade import AlphaMode, Routing, certify_cascade, certify_single_scale
 from pipeline.stats.sequential_cascade import certify_cascade_sequential
 from pipeline.store.counts import CountsArrays
 from pipeline.store.results import results_table
@@ -20,12 +22,14 @@ def reduce_cascade(arrays: CountsArrays, alpha: float, alpha_mode: AlphaMode, p0
     return results_table(arrays.image_ids, arrays.labels, result, arrays.sigmas)
 
 
-def reduce_adaptive(arrays: CountsArrays, alpha: float, p0: float) -> pa.Table:
+def reduce_adaptive(arrays: CountsArrays, alpha: float, p0: float, routing: Routing = "cascade",
+                    target_radii: Sequence[float] = ()) -> pa.Table:
     """Counts of an adaptive run → results (confidence-sequence bounds, the routing it took: which
-    stages have rows). `arrays` must carry the run's sigmas: the alpha split depends on every scale
-    the cascade could consult, including ones no image reached."""
+    stages have rows; with the run's target radii, the largest one proven). `arrays` must carry the
+    run's sigmas: the alpha split depends on every scale the cascade could consult, including ones no
+    image reached."""
     result = certify_cascade_sequential(arrays.select_counts, arrays.estimate_counts, arrays.sigmas, alpha, p0,
-                                        fell_through=arrays.present[:, 1:])
+                                        routing, target_radii)
     return results_table(arrays.image_ids, arrays.labels, result, arrays.sigmas)
 
 

@@ -52,6 +52,7 @@ class SamplingConfig:
     strategy: StrategyName = "early_exit"
     routing: Routing = "cascade"
     radius_tolerance: float = 0.05  # adaptive only
+    target_radii: tuple[float, ...] = ()  # adaptive only: certify these radii (empty: general mode)
 
 
 @dataclass
@@ -202,7 +203,8 @@ def make_strategy(config: SamplingConfig) -> Strategy:
         return AllScales(config.n_select, config.n)
     if config.strategy == "adaptive":
         return Adaptive(AdaptiveSettings(tuple(config.sigmas), config.n_select, config.n, config.alpha,
-                                         config.p0, config.radius_tolerance))
+                                         config.p0, config.radius_tolerance, routing=config.routing,
+                                         target_radii=tuple(config.target_radii)))
     if config.strategy == "predict":
         def predict_rule(counts: BatchCounts, rows: np.ndarray, stage: int) -> np.ndarray:
             _, decided_stage = predict_cascade(counts.estimate[rows, :stage], config.alpha)
