@@ -39,9 +39,12 @@ class SamplingOutcome:
         return int(self.select_counts.sum() + self.estimate_counts.sum())
 
 
-def round_ends(n_max: int, first_round: int = 64, growth: float = 1.5) -> np.ndarray:
+def round_ends(n_max: int, first_round: int = 64, growth: float = 1.2) -> np.ndarray:
     """Cumulative estimation sample sizes after each round: whole noise chunks, growing by `growth`,
-    ending exactly at n_max."""
+    ending exactly at n_max. Why ×1.2: a run stops at the first round end past the point where it
+    could have stopped, overshooting by up to growth − 1; on the first 20 digits test images the
+    general mode with ×1.5 spent 12 % more forward passes than with ×1.2, and ×2 29 % more, at the same
+    certified accuracy; the extra rounds cost only their Python bookkeeping."""
     ends = []
     size = max(NOISE_CHUNK, -(-first_round // NOISE_CHUNK) * NOISE_CHUNK)
     while size < n_max:

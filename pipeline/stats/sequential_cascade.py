@@ -2,7 +2,7 @@
 
 A fixed-n run spends n samples on every (image, scale) it consults, although most decisions are
 clear long before. Here each (image, scale) is sampled in rounds (cumulative estimation sizes
-64, 128, 192, 320, … growing ×1.5 up to n_max, in whole noise chunks, so the votes are a prefix of
+64, 128, 192, 256, 320, 384, 512, … growing ×1.2 up to n_max, in whole noise chunks, so the votes are a prefix of
 the fixed-n run's votes; pipeline/sampling/adaptive.py) and `round_status` decides after every round,
 from the time-uniform bounds [p̲_t, p̄_t] of pipeline/stats/confidence_sequences.py on the selected
 class ĉ and the capped radius r_t (method.md §4: own bound, then the caps of the earlier stages):
@@ -73,7 +73,7 @@ class AdaptiveSettings:
     p0: float = 0.5
     radius_tolerance: float = 0.05
     first_round: int = 64
-    growth: float = 1.5
+    growth: float = 1.2
     routing: Routing = "cascade"
     target_radii: tuple[float, ...] = ()
 
@@ -232,6 +232,15 @@ def certify_cascade_sequential(
 
 CONTINUE, DONE, NEXT = 0, 1, 2
 
+FUTILITY_STANDARD_ERRORS = 1.0
+"""Futility (giving up on a certificate or a radius that n_max would not reach) assumes ĉ's remaining
+votes come at the current rate plus this many standard errors. It decides only when sampling
+stops, so it costs power, never validity. Why not p̄_t: an image whose radius at n_max would land
+just below R (those near R are the costly ones) would then sample to n_max in vain, since p̄_t at
+level alpha/T stays far above the rate for thousands of samples; one standard error gives up on it
+once the votes make that unlikely (first 10 digits test images, --target-radius 0.5: 7.8× fewer
+forward passes than fixed n = 10,000 with p̄_t, 25× with one standard error, same certificates)."""
+
 
 def round_status(
     select: np.ndarray, estimate: np.ndarray, stage: int, settings: AdaptiveSettings
@@ -249,13 +258,17 @@ def round_status(
     p0, n_max = settings.p0, settings.n_max
     now = _stage(select, estimate, stage, sigmas, level, p0)
     remaining = n_max - now.trials
-    # The radius at n_max: with the vote rates as they are (projected), and with ĉ's remaining votes
-    # at rate p̄_t (optimistic; the caps at their current rates in both).
+    # The radius at n_max: at ĉ's estimated rate (projected; the Krichevsky-Trofimov estimate
+    # (votes + 1/2) / (n + 1), so that unanimous votes do not project a classifier that never errs,
+    # whose radius would keep growing to n_max), and at a plausibly better rate (optimistic); the caps
+    # at their current rates in both.
+    rate = now.votes / now.trials
+    spread = FUTILITY_STANDARD_ERRORS * np.sqrt(rate * (1.0 - rate) / now.trials)
     caps_at_n_max = _cap_terms(estimate[:, :stage], now.selected, sigmas, level, p0, n_max).min(axis=1, initial=np.inf)
-    projected = np.minimum(_radius(sigmas[stage], sequence_lower(now.votes * (n_max / now.trials), n_max, level), p0),
+    projected = np.minimum(_radius(sigmas[stage], sequence_lower((now.votes + 0.5) / (now.trials + 1) * n_max, n_max, level), p0),
                            caps_at_n_max)
-    optimistic = np.minimum(_radius(sigmas[stage], sequence_lower(now.votes + now.upper * remaining, n_max, level),
-                                    p0), caps_at_n_max)
+    optimistic = np.minimum(_radius(sigmas[stage], sequence_lower(
+        now.votes + np.minimum(rate + spread, 1.0) * remaining, n_max, level), p0), caps_at_n_max)
     binding = now.terms.argmin(axis=1)  # 0 = this stage's own bound, j + 1 = the cap of stage j
     sample = np.where(binding > 0, binding - 1, stage)
     exhausted = estimate[np.arange(len(sample)), sample].sum(axis=1) >= n_max
@@ -269,7 +282,7 @@ def round_status(
         finished = np.where(certified, now.radius >= projected - settings.radius_tolerance, optimistic <= 0)
     falls_through = now.upper < p0
     if settings.routing == "cascade":  # undecided abstains there: keep sampling while falling through can happen
-        can_fall = sequence_upper(now.votes + now.lower * remaining, n_max, level) < p0
+        can_fall = sequence_upper(now.votes + np.maximum(rate - spread, 0.0) * remaining, n_max, level) < p0
         finished &= certified | ~can_fall
     finished |= exhausted
     if settings.routing == "cascade":
