@@ -248,7 +248,7 @@ def test_target_radius_cascade_claims_at_most_alpha(routing: str) -> None:
 @pytest.mark.parametrize("routing", ["continue", "best"])
 def test_adaptive_routings_violate_at_most_alpha(routing: str) -> None:
     """General mode with the routings that go on past an uncertified (or any) scale: still valid."""
-    model, trials = example_cascade(), 200
+    model, trials = example_cascade(), 150
     names = list(EXAMPLE_CASCADE_INPUTS)
     u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
     settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA, routing=routing)
@@ -291,7 +291,7 @@ def test_routing_reads_the_stages_sampled_and_best_takes_the_largest() -> None:
 
 def test_target_radius_needs_fewer_samples_than_the_general_mode() -> None:
     """Same analytic inputs: proving fixed radii stops long before the radius itself is settled."""
-    model, trials = example_cascade(), 50
+    model, trials = example_cascade(), 20
     u = np.repeat(list(EXAMPLE_CASCADE_INPUTS.values()), trials)
     general = run_adaptive(MultinomialVotes(model.probabilities(u), seed=3), len(u),
                            AdaptiveSettings(model.sigmas, 30, 4096, alpha=0.01))
