@@ -384,3 +384,18 @@ def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_pat
     assert results["image_id"].to_pylist() == ids.tolist()
     np.testing.assert_array_equal(results["prediction"].to_numpy(), direct.result.prediction)
     np.testing.assert_allclose(results["radius"].to_numpy(), direct.result.radius)
+
+
+def test_target_radius_flag_needs_adaptive_and_positive_radii(monkeypatch) -> None:
+    """--target-radius is refused without --adaptive and for radii <= 0; it is sorted into the config."""
+    from pipeline.app.args import build_parser, request_from_args
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    parser = build_parser("digits", "test")
+    with pytest.raises(UserError, match="--adaptive"):
+        request_from_args(parser.parse_args(["--target-radius", "0.5", "--device", "cpu"]))
+    with pytest.raises(UserError, match="positive"):
+        request_from_args(parser.parse_args(["--adaptive", "--target-radius", "0", "--device", "cpu"]))
+    request = request_from_args(parser.parse_args(["--adaptive", "--target-radius", "0.5", "--target-radius", "0.25",
+                                                   "--device", "cpu"]))
+    assert request.sampling.target_radii == (0.25, 0.5) and request.sampling.strategy == "adaptive"
