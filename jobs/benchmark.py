@@ -24,12 +24,19 @@ from pipeline.errors import UserError
 
 TARGETS = {
     "fused_speedup": 1.5,
+<<<<<<< HEAD
     "ray_efficiency": 0.90,
     "main_job_cached_s": 45.0,
     "main_job_first_run_s": 180.0,
     "ray_workers_over_actors": 4,
     "adaptive_passes_saved": 0.40,
     "adaptive_accuracy_points": 1.0,
+=======
+    "ray_efficiency": 0.85,
+    "adaptive_times_fewer": 4.0,  # general mode: forward passes of fixed n / adaptive
+    "target_radius_times_fewer": 20.0,  # target-radius mode, at R = 0.25 and 0.5
+    "accuracy_images": 1,  # certified accuracy within this many images of fixed n's
+>>>>>>> issue16
     "gpu_mfu": 0.40,
 }
 
@@ -62,10 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-adaptive", action="store_true", help="skip adaptive vs fixed n")
     parser.add_argument("--skip-throughput", action="store_true",
                         help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")
-    parser.add_argument("--adaptive-images", type=int, default=30, help="images for adaptive vs fixed n")
+    parser.add_argument("--adaptive-images", type=int, default=100, help="images for adaptive vs fixed n")
     parser.add_argument("--n-max", type=int, default=10_000, help="n of the fixed run = n_max of the adaptive run")
     parser.add_argument("--radius-tolerance", type=float, default=0.05,
                         help="adaptive: stop once the radius is within this of what n_max would give")
+    parser.add_argument("--target-radius", type=float, action="append", default=None, metavar="R",
+                        help="target-radius runs to compare (repeatable; default 0.25, 0.5, 0.75): each R alone, "
+                             "then all together")
+    parser.add_argument("--vote-cache", type=Path, help="adaptive vs fixed n: .npz of the votes drawn (read if "
+                        "present, written after): re-evaluate the rules without re-running the network")
     parser.add_argument("--tolerance-sweep", default="0,0.01,0.02,0.1",
                         help="comma-separated further radius tolerances to evaluate on the same votes ('' for none)")
     gpu = parser.add_argument_group("GPU")
@@ -150,7 +162,7 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
                                            chosen.n_select, args.n_max, chosen.alpha, chosen.seed)
         print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images", flush=True)
         report["adaptive"] = benchmark.adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance,
-                                                         args.tolerance_sweep)
+                                                         args.tolerance_sweep, args.target_radius, args.vote_cache)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     return report
 
@@ -253,22 +265,42 @@ def _ray_rows(ray: dict) -> list[str]:
     return rows
 
 
+def _times_fewer(run: dict) -> str:
+    return f"{run['times_fewer_forward_passes']:.1f}×"
+
+
+def _images(fixed: dict, run: dict, radius: str) -> str:
+    before, after = fixed["certified_images"][radius], run["certified_images"][radius]
+    return f"{before} → {after} ({after - before:+d})"
+
+
 def _adaptive_rows(adaptive: dict) -> list[str]:
-    fixed, adapt = adaptive["fixed"], adaptive["adaptive"]
-    rows = [f"| adaptive vs fixed n={adaptive['n_max']} ({adaptive['images']} images): forward passes saved "
-            f"({adapt['forward_passes']} vs {fixed['forward_passes']}) | {_pct(adaptive['forward_passes_saved'])} | "
-            f"≥ {_pct(TARGETS['adaptive_passes_saved'])} |"]
-    for radius, fixed_accuracy in fixed["certified_accuracy"].items():
-        delta = 100 * (adapt["certified_accuracy"][radius] - fixed_accuracy)
-        target = f"within ±{TARGETS['adaptive_accuracy_points']:g} pt" if radius in ("0", "0.5") else ""
-        rows.append(f"| certified accuracy at r={radius}: fixed → adaptive | {_pct(fixed_accuracy)} → "
-                    f"{_pct(adapt['certified_accuracy'][radius])} ({delta:+.1f} pt) | {target} |")
-    rows.append(f"| ACR: fixed → adaptive | {fixed['acr']:.3f} → {adapt['acr']:.3f} | |")
+    """Forward passes as "× fewer than fixed n" and certified images out of `images`, next to the targets."""
+    fixed, general, images = adaptive["fixed"], adaptive["adaptive"], adaptive["images"]
+    within = f"within {TARGETS['accuracy_images']} image"
+    rows = [f"| fixed n={adaptive['n_max']} (Clopper-Pearson, early exit), {images} images: forward passes; wall time "
+            f"({fixed['wall_s_source']}) | {fixed['forward_passes']:,}; {fixed['wall_s']:.0f} s | |",
+            f"| general adaptive (radius tolerance {adaptive['radius_tolerance']:g}): forward passes "
+            f"({general['forward_passes']:,}); wall time (estimated) {general['wall_s_estimated']:.0f} s | "
+            f"{_times_fewer(general)} fewer | ≥ {TARGETS['adaptive_times_fewer']:g}× |"]
+    for radius in fixed["certified_images"]:
+        if float(radius) <= 0.75:
+            rows.append(f"| general adaptive: certified images at r={radius} (fixed → adaptive) | "
+                        f"{_images(fixed, general, radius)} | {within} |")
+    rows.append(f"| general adaptive: ACR (fixed → adaptive) | {fixed['acr']:.3f} → {general['acr']:.3f} | |")
+    for name, run in adaptive["target_radius"].items():
+        radii = name.split(",")
+        target = (f"≥ {TARGETS['target_radius_times_fewer']:g}×" if len(radii) == 1 and float(name) in (0.25, 0.5)
+                  else "")
+        rows.append(f"| --target-radius {' '.join(radii)}: forward passes ({run['forward_passes']:,}); wall time "
+                    f"(estimated) {run['wall_s_estimated']:.0f} s | {_times_fewer(run)} fewer | {target} |")
+        for radius in radii:
+            rows.append(f"| --target-radius {' '.join(radii)}: certified images at r={radius} (fixed → target) | "
+                        f"{_images(fixed, run, radius)} | {within if target else ''} |")
     for tolerance, other in adaptive["tolerance_sweep"].items():
-        accuracy = other["certified_accuracy"]
-        rows.append(f"| radius tolerance {tolerance}: forward passes saved; certified accuracy at r=0 / 0.5 / 1; ACR "
-                    f"| {_pct(other['forward_passes_saved'])}; {_pct(accuracy['0'])} / {_pct(accuracy['0.5'])} / "
-                    f"{_pct(accuracy['1'])}; {other['acr']:.3f} | |")
+        images_at = " / ".join(str(other["certified_images"][r]) for r in ("0", "0.25", "0.5", "0.75"))
+        rows.append(f"| radius tolerance {tolerance}: × fewer forward passes; certified images at r=0 / 0.25 / 0.5 / "
+                    f"0.75; ACR | {_times_fewer(other)}; {images_at}; {other['acr']:.3f} | |")
     return rows
 
 
@@ -303,6 +335,7 @@ def main() -> None:
     for name in ("num_images", "n", "adaptive_images", "n_max", "repeats"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    args.target_radius = tuple(sorted(set(args.target_radius or (0.25, 0.5, 0.75))))
     try:
         args.tolerance_sweep = [float(t) for t in args.tolerance_sweep.split(",") if t.strip()]
     except ValueError:

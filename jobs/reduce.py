@@ -106,11 +106,13 @@ def reduce(args: argparse.Namespace, settings: dict | None, arrays: CountsArrays
     alpha, alpha_mode, routing, p0 = statistics(args, settings)
     num_asked = len(asked) if asked is not None else len(arrays.image_ids)
     if settings and settings.get("strategy") == "adaptive":
-        if args.alpha_mode == "reference" or args.routing not in (None, "cascade"):
+        run_routing = settings.get("routing", "cascade")
+        if args.alpha_mode == "reference" or args.routing not in (None, run_routing):
             raise UserError("these counts come from an adaptive run (stopped on the data): only the sequential "
-                            "cascade is valid on them; drop --alpha-mode / --routing")
+                            f"cascade with the run's own routing ({run_routing}) is valid on them; drop "
+                            "--alpha-mode / --routing")
         refuse_incomplete(missing_images(arrays, asked), num_asked, unreadable, "resume the run to sample them")
-        return reduce_adaptive(arrays, alpha, p0)
+        return reduce_adaptive(arrays, alpha, p0, run_routing, settings.get("target_radii", ()))
     lacking = cascade_lacking(arrays, alpha, alpha_mode, p0, routing)
     refuse_incomplete(missing_images(arrays, asked, lacking), num_asked, unreadable, _hint(settings, routing))
     return reduce_cascade(arrays, alpha, alpha_mode, p0, routing)

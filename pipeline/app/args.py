@@ -9,6 +9,7 @@ from pipeline.app.certify import CertifyRequest
 from pipeline.errors import UserError
 from pipeline.sampling.kernel import default_device
 from pipeline.sampling.strategies import SamplingConfig
+from pipeline.stats.sequential_cascade import check_target_radii
 from pipeline.app.presets import PRESETS, get_preset, parse_sigmas
 from pipeline.distributed.run import ExecutionConfig
 from pipeline.app.workload import DEFAULT_PREPROCESS, DataOptions, ModelOptions
@@ -82,6 +83,10 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
                             "settled; confidence sequences keep the certificate valid at --alpha")
     stats.add_argument("--radius-tolerance", type=float, default=0.05,
                        help="--adaptive: stop once the radius is within this of what --n samples would give")
+    stats.add_argument("--target-radius", type=float, action="append", default=[], metavar="R",
+                       help="--adaptive: only ask whether each image is certified at radius R (repeatable); "
+                            "stop as soon as every R is proven or out of reach. The radius reported is the "
+                            "largest R proven; images with none abstain")
     stats.add_argument("--seed", type=int, default=0, help="noise seed; counts depend only on it, not on batching")
     data = parser.add_argument_group("data and models")
     data.add_argument("--data", help="dataset location (cifar10: cifar-10-batches-py dir; imagenet: class-folder "
@@ -137,6 +142,10 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     num_actors = _num_actors(args.num_actors, use_gpu, reads_files=preset.name != "digits")
     if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
         raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
+    if args.target_radius and not args.adaptive:
+        raise UserError("--target-radius needs --adaptive (a fixed-n run certifies every radius at once)")
+    target_radii = tuple(sorted(set(args.target_radius)))
+    check_target_radii(target_radii)
     if args.images_per_batch < 1:
         raise UserError(f"--images-per-batch must be >= 1, got {args.images_per_batch}")
     check_p0(args.p0)
@@ -155,6 +164,7 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             routing=resolve_routing(args.routing, args.alpha_mode, args.adaptive),
             radius_tolerance=args.radius_tolerance,
             family_wise=args.family_wise,
+            target_radii=target_radii,
         ),
         execution=ExecutionConfig(
             num_actors=num_actors,

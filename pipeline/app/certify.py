@@ -47,6 +47,7 @@ def run_settings(sampling: SamplingConfig, user_alpha: float) -> dict:
     settings = asdict(sampling)
     settings["sigmas"] = list(settings["sigmas"])
     settings["user_alpha"] = user_alpha
+    settings["target_radii"] = list(settings["target_radii"])  # as JSON reads it back, for the resume check
     return settings
 
 
@@ -130,7 +131,7 @@ def certify(request: CertifyRequest) -> str:
     workload, sampling, arrays = collect_counts(request, stopwatch)
     adaptive = sampling.strategy == "adaptive"
     if adaptive:
-        results = reduce_adaptive(arrays, sampling.alpha, sampling.p0)
+        results = reduce_adaptive(arrays, sampling.alpha, sampling.p0, sampling.routing, sampling.target_radii)
     else:
         results = reduce_cascade(arrays, sampling.alpha, sampling.alpha_mode, sampling.p0, sampling.routing)
     write_parquet(results, join(request.out, "results.parquet"))
@@ -152,6 +153,10 @@ def certify(request: CertifyRequest) -> str:
         f"- images: {results.num_rows}; sigmas {list(sampling.sigmas)}; n_select={sampling.n_select}, "
         f"n={sampling.n}; alpha={sampling.alpha:g} ({sampling.alpha_mode} mode); p0={sampling.p0}; "
         f"sampling: {sampling.strategy}; routing: {sampling.routing}",
+        *([f"- target-radius run: each image was only asked whether it is certified at radius "
+           f"{', '.join(f'{r:g}' for r in sampling.target_radii)}; its radius is the largest of these proven "
+           f"(images with none abstain), so certified accuracy is meaningful at these radii only"]
+          if sampling.target_radii else []),
         f"- {guarantee_line(sampling, request.sampling.alpha, len(workload.image_ids))}",
         f"- wall time: {stopwatch.summary()}",
         *([f"- skipped unreadable images ({len(skipped)}): {', '.join(skipped)}"] if skipped else []),

@@ -72,12 +72,14 @@ def refuse_incomplete(missing: np.ndarray, num_asked: int, unreadable: Sequence[
     raise UserError("; ".join(parts) + f"; {hint}")
 
 
-def reduce_adaptive(arrays: CountsArrays, alpha: float, p0: float) -> pa.Table:
+def reduce_adaptive(arrays: CountsArrays, alpha: float, p0: float, routing: Routing = "cascade",
+                    target_radii: Sequence[float] = ()) -> pa.Table:
     """Counts of an adaptive run → results (confidence-sequence bounds, the routing it took: which
-    stages have rows). `arrays` must carry the run's sigmas: the alpha split depends on every scale
-    the cascade could consult, including ones no image reached."""
+    stages have rows; with the run's target radii, the largest one proven). `arrays` must carry the
+    run's sigmas: the alpha split depends on every scale the cascade could consult, including ones no
+    image reached."""
     result = certify_cascade_sequential(arrays.select_counts, arrays.estimate_counts, arrays.sigmas, alpha, p0,
-                                        fell_through=arrays.present[:, 1:])
+                                        routing, target_radii)
     return results_table(arrays.image_ids, arrays.labels, result, arrays.sigmas)
 
 

@@ -10,6 +10,7 @@ cannot look like a speed-up.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import platform
 import re
@@ -33,6 +34,7 @@ from pipeline.sampling.noise import Phase
 from pipeline.store.results import results_table
 from pipeline.perf.reference_loop import reference_counts
 from pipeline.app.report import REPORT_RADII, average_certified_radius, certified_accuracy
+from pipeline.errors import UserError
 from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource
 
 T = TypeVar("T")
@@ -231,10 +233,12 @@ def flops_section(fused: FusedDenoiseClassify, sample_shape: tuple[int, ...], si
             **utilization(flops_per_sample(fused, sample_shape, sigma), samples_per_s, peak)}
 
 
-def _accuracy(outcome: SamplingOutcome, work: Workload) -> dict:
+def _accuracy(outcome: SamplingOutcome, work: Workload, radii: Sequence[float] = REPORT_RADII) -> dict:
     table = results_table(work.image_ids, work.labels, outcome.result, np.asarray(work.sigmas))
     return {
-        "certified_accuracy": {f"{r:g}": certified_accuracy(table, r) for r in REPORT_RADII},
+        "certified_accuracy": {f"{r:g}": certified_accuracy(table, r) for r in radii},
+        # the unit of "within 1 image": certified accuracy × images
+        "certified_images": {f"{r:g}": int(round(certified_accuracy(table, r) * table.num_rows)) for r in radii},
         "acr": average_certified_radius(table),
         "forward_passes": outcome.forward_passes,
         "deciding_stage_counts": {str(s): int(np.sum(outcome.result.stage == s))
@@ -242,51 +246,87 @@ def _accuracy(outcome: SamplingOutcome, work: Workload) -> dict:
     }
 
 
-def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolerance: float,
-                      tolerance_sweep: Sequence[float] = ()) -> dict:
-    """Fixed n (= work.n, early exit, Clopper-Pearson) vs adaptive sampling up to n_max = work.n.
+def _run_summary(outcome: SamplingOutcome, work: Workload, radii: Sequence[float], fixed_passes: int,
+                 seconds_per_forward: float) -> dict:
+    """Accuracy, forward passes, how many times fewer than fixed n, and the wall time those passes take."""
+    return {**_accuracy(outcome, work, radii), "rounds": outcome.rounds,
+            "times_fewer_forward_passes": fixed_passes / outcome.forward_passes,
+            "wall_s_estimated": outcome.forward_passes * seconds_per_forward,
+            "estimation_samples": outcome.estimate_counts.sum(axis=2).tolist()}
 
-    Both draw from one chunk cache over the same counter-seeded noise: the fixed run is timed live;
-    the adaptive run then pays only for chunks the fixed run never drew, so its forward passes are
-    exact (counted by the sampler) and its wall time is estimated from the fixed run's time per sample.
-    `tolerance_sweep` reruns the adaptive rule at other radius tolerances on the same cache (cheap)
-    to show the trade-off between forward passes and radius.
+
+def _fixed_votes(source: CachedVoteSource, work: Workload, device: torch.device,
+                 vote_cache: Path | None) -> tuple[SamplingOutcome, float, str]:
+    """The fixed-n run (the baseline every adaptive run shares its votes with) and its wall time.
+
+    With `vote_cache`, the votes a previous run drew are loaded (their file records the settings and
+    the measured wall time of the fixed run that drew them) and the votes drawn now are saved there:
+    the fixed n = 10,000 run on 100 images is ~1M forward passes, which on a shared 2-core machine is
+    hours, and the adaptive rules can then be re-evaluated on exactly the same votes."""
+    settings = {"images": len(work.images), "sigmas": list(work.sigmas), "n_select": work.n_select, "n": work.n,
+                "seed": work.seed, "alpha": work.alpha}
+    record = vote_cache.with_name(vote_cache.name + ".json") if vote_cache is not None else None
+    if record is not None and record.is_file():
+        stored = json.loads(record.read_text())
+        if stored["settings"] != settings:
+            raise UserError(f"{vote_cache} holds votes for other settings: {stored['settings']} (now {settings})")
+        source.load(vote_cache)
+        fixed = run_fixed(source, len(work.images), work.sigmas, work.n_select, work.n, work.alpha)
+        return fixed, stored["fixed_wall_s"], f"measured when {vote_cache.name} was filled"
+    fixed, seconds = timed(lambda: run_fixed(source, len(work.images), work.sigmas, work.n_select, work.n,
+                                             work.alpha), device)
+    if record is not None:
+        source.save(vote_cache)
+        record.write_text(json.dumps({"settings": settings, "fixed_wall_s": seconds}, indent=2))
+    return fixed, seconds, "measured"
+
+
+def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolerance: float,
+                      tolerance_sweep: Sequence[float] = (), target_radii: Sequence[float] = (0.25, 0.5, 0.75),
+                      vote_cache: Path | None = None) -> dict:
+    """Fixed n (= work.n, early exit, Clopper-Pearson) vs adaptive sampling up to n_max = work.n:
+    the general mode, and target-radius runs for each R alone and for all of them together.
+
+    All runs draw from one chunk cache over the same counter-seeded noise: the fixed run is timed;
+    each adaptive run then pays only for chunks no earlier run drew, so its forward passes are exact
+    (counted by the sampler) and its wall time is estimated from the fixed run's time per forward.
+    `tolerance_sweep` reruns the general rule at other radius tolerances on the same votes.
     """
     source = CachedVoteSource(FusedVoteSource(fused, work.images, work.image_ids, work.sigmas,
                                               work.samples, work.seed))
     count = len(work.images)
-    fixed, fixed_s = timed(lambda: run_fixed(source, count, work.sigmas, work.n_select, work.n, work.alpha),
-                           fused.device)
-    cached_before = len(source.cache)
-    settings = AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
-                                radius_tolerance=radius_tolerance)
-    adaptive, adaptive_s = timed(lambda: run_adaptive(source, count, settings), fused.device)
-    per_sample_s = fixed_s / fixed.forward_passes
-    sweep = {}
-    for tolerance in tolerance_sweep:
-        other = run_adaptive(source, count, AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
-                                                             radius_tolerance=tolerance))
-        sweep[f"{tolerance:g}"] = {**_accuracy(other, work),
-                                   "forward_passes_saved": 1.0 - other.forward_passes / fixed.forward_passes}
+    fixed, fixed_s, fixed_s_source = _fixed_votes(source, work, fused.device, vote_cache)
+    per_forward_s = fixed_s / fixed.forward_passes
+
+    def adaptive(**options) -> SamplingOutcome:
+        return run_adaptive(source, count, AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
+                                                            **options))
+
+    general = adaptive(radius_tolerance=radius_tolerance)
+    targets = {f"{r:g}": adaptive(target_radii=(r,)) for r in target_radii}
+    if len(target_radii) > 1:
+        targets[",".join(f"{r:g}" for r in target_radii)] = adaptive(target_radii=tuple(target_radii))
+    radii = sorted({*REPORT_RADII, *target_radii})
+
+    def summary(outcome: SamplingOutcome) -> dict:
+        return _run_summary(outcome, work, radii, fixed.forward_passes, per_forward_s)
+
+    sweep = {f"{t:g}": summary(adaptive(radius_tolerance=t)) for t in tolerance_sweep}
+    if vote_cache is not None:
+        source.save(vote_cache)  # with the chunks only adaptive runs drew
     return {
-        "images": count,
-        "n_max": work.n,
-        "n_select": work.n_select,
-        "alpha": work.alpha,
-        "radius_tolerance": radius_tolerance,
-        "fixed": {**_accuracy(fixed, work), "wall_s": fixed_s},
-        "adaptive": {**_accuracy(adaptive, work), "rounds": adaptive.rounds,
-                     "wall_s_estimated": adaptive.forward_passes * per_sample_s,
-                     "wall_s_this_run_with_cache": adaptive_s,
-                     "chunks_only_adaptive_drew": len(source.cache) - cached_before},
-        "forward_passes_saved": 1.0 - adaptive.forward_passes / fixed.forward_passes,
+        "images": count, "n_max": work.n, "n_select": work.n_select, "alpha": work.alpha,
+        "radius_tolerance": radius_tolerance, "target_radii": list(target_radii),
+        "fixed": {**_accuracy(fixed, work, radii), "wall_s": fixed_s, "wall_s_source": fixed_s_source},
+        "adaptive": summary(general),
+        "target_radius": {name: summary(outcome) for name, outcome in targets.items()},
+        "forward_passes_saved": 1.0 - general.forward_passes / fixed.forward_passes,
         "tolerance_sweep": sweep,
         "per_image": {"image_id": work.image_ids.tolist(), "label": work.labels.tolist(),
                       "fixed_prediction": fixed.result.prediction.tolist(),
                       "fixed_radius": fixed.result.radius.round(4).tolist(),
-                      "adaptive_prediction": adaptive.result.prediction.tolist(),
-                      "adaptive_radius": adaptive.result.radius.round(4).tolist(),
-                      "adaptive_estimation_samples": adaptive.estimate_counts.sum(axis=2).tolist()},
+                      "adaptive_prediction": general.result.prediction.tolist(),
+                      "adaptive_radius": general.result.radius.round(4).tolist()},
     }
 
 

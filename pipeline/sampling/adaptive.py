@@ -16,9 +16,7 @@ from pipeline.sampling.kernel import VoteRequests
 from pipeline.sampling.noise import NOISE_CHUNK, Phase
 from pipeline.sampling.votes import VoteSource
 from pipeline.stats.cascade import CascadeResult, certify_cascade, undecided_mask
-from pipeline.stats.sequential_cascade import (
-    CONTINUE, FALL_THROUGH, STOP, AdaptiveSettings, certify_cascade_sequential, round_status,
-)
+from pipeline.stats.sequential_cascade import DONE, NEXT, AdaptiveSettings, certify_cascade_sequential, round_status
 
 
 @dataclass(frozen=True)
@@ -41,9 +39,12 @@ class SamplingOutcome:
         return int(self.select_counts.sum() + self.estimate_counts.sum())
 
 
-def round_ends(n_max: int, first_round: int = 128, growth: float = 1.5) -> np.ndarray:
+def round_ends(n_max: int, first_round: int = 64, growth: float = 1.2) -> np.ndarray:
     """Cumulative estimation sample sizes after each round: whole noise chunks, growing by `growth`,
-    ending exactly at n_max."""
+    ending exactly at n_max. Why ×1.2: a run stops at the first round end past the point where it
+    could have stopped, overshooting by up to growth − 1; on the first 20 digits test images the
+    general mode with ×1.5 spent 12 % more forward passes than with ×1.2, and ×2 29 % more, at the same
+    certified accuracy; the extra rounds cost only their Python bookkeeping."""
     ends = []
     size = max(NOISE_CHUNK, -(-first_round // NOISE_CHUNK) * NOISE_CHUNK)
     while size < n_max:
@@ -79,19 +80,19 @@ def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings
         select[fresh, target[fresh]] += votes[len(rows):]
         step[rows, target[rows]] += 1
         rounds += 1
-        deciding = stage[rows]  # images that fall through below start the next stage next round
+        deciding = stage[rows]  # images that move on below start the next stage next round
         for k in np.unique(deciding):
             at_stage = rows[deciding == k]
             status, next_target = round_status(select[at_stage], estimate[at_stage], int(k), settings)
             target[at_stage] = next_target
-            active[at_stage[status == STOP]] = False
-            fallen = at_stage[status == FALL_THROUGH]
+            moving = at_stage[status == NEXT]
+            active[at_stage[status == DONE]] = False
             if k == num_scales - 1:
-                active[fallen] = False
+                active[moving] = False
             else:
-                stage[fallen] = target[fallen] = k + 1
+                stage[moving] = target[moving] = k + 1
     result = certify_cascade_sequential(select, estimate, settings.sigmas, settings.alpha, settings.p0,
-                                        fell_through=estimate.sum(axis=2)[:, 1:] > 0)
+                                        settings.routing, settings.target_radii)
     return SamplingOutcome(result, select, estimate, rounds)
 
 

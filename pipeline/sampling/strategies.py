@@ -53,6 +53,7 @@ class SamplingConfig:
     routing: Routing = "cascade"
     radius_tolerance: float = 0.05  # adaptive only
     family_wise: bool = False  # alpha above is the user's alpha / M (recorded so a resume and a reduce see it)
+    target_radii: tuple[float, ...] = ()  # adaptive only: certify these radii (empty: general mode)
 
 
 @dataclass
@@ -203,7 +204,8 @@ def make_strategy(config: SamplingConfig) -> Strategy:
         return AllScales(config.n_select, config.n)
     if config.strategy == "adaptive":
         return Adaptive(AdaptiveSettings(tuple(config.sigmas), config.n_select, config.n, config.alpha,
-                                         config.p0, config.radius_tolerance))
+                                         config.p0, config.radius_tolerance, routing=config.routing,
+                                         target_radii=tuple(config.target_radii)))
     if config.strategy == "predict":
         def predict_rule(counts: BatchCounts, rows: np.ndarray, stage: int) -> np.ndarray:
             _, decided_stage = predict_cascade(counts.estimate[rows, :stage], config.alpha)

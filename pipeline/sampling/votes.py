@@ -9,6 +9,7 @@ device, or a cache of it when two strategies are compared on the same noise.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -79,3 +80,16 @@ class CachedVoteSource:
             self.cache.update(zip(missing, self.inner.votes(chunk_requests)))
         return np.array([np.sum([self.cache[key] for key in keys], axis=0) for keys in keys_per_request],
                         dtype=np.int64).reshape(len(requests), self.num_classes)
+
+    def save(self, path: str | Path) -> None:
+        """Write every cached chunk's votes to an .npz file (keys (N, 4): row, stage, phase, chunk)."""
+        keys = sorted(self.cache)
+        np.savez(path, keys=np.array(keys, np.int64).reshape(-1, 4),
+                 votes=np.array([self.cache[k] for k in keys], np.int64).reshape(-1, self.num_classes))
+
+    def load(self, path: str | Path) -> None:
+        """Add the chunks of a file written by `save`. Votes are a pure function of the models, the seed
+        and the chunk's address, so a file from a run with the same models, images, sigmas, seed and
+        phase totals serves exactly the votes the kernel would compute (the caller checks those match)."""
+        with np.load(path) as data:
+            self.cache.update(zip(map(tuple, data["keys"].tolist()), data["votes"]))

@@ -77,11 +77,11 @@ def clean_run(tmp_path_factory, digits_cache, ray_session) -> Path:
     return out
 
 
-def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0) -> None:
+def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0, settings: tuple[str, ...] = SETTINGS) -> None:
     """Start the job in its own process group and SIGKILL all of it (driver and local Ray) as soon as
     its first counts shard exists."""
     with log.open("wb") as output:
-        job = subprocess.Popen([sys.executable, "jobs/certify.py", *SETTINGS, "--out", str(out)], cwd=REPO_ROOT,
+        job = subprocess.Popen([sys.executable, "jobs/certify.py", *settings, "--out", str(out)], cwd=REPO_ROOT,
                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
@@ -169,3 +169,32 @@ def test_actor_killed_mid_batch_gives_the_clean_counts_with_adaptive_sampling(tm
     assert marker.exists(), "the injected failure never fired"
     assert_same_run(out, clean)
 
+
+
+# Adaptive target-radius run: each batch of 4 images is one shard, written when its adaptive rounds end.
+TARGET_RADIUS = ("--num-images", "12", "--n", "1000", "--n-select", "20", "--images-per-batch", "4",
+                 "--sigmas", "1.0,0.25", "--adaptive", "--target-radius", "0.5", "--target-radius", "0.25")
+
+
+def test_target_radius_run_resumes_after_sigkill_and_reduces(tmp_path, digits_cache, ray_session, monkeypatch,
+                                                            capfd):
+    """`--adaptive --target-radius`: a killed and resumed run equals an uninterrupted one, its report says
+    it is a target-radius run, and jobs/reduce.py recomputes its results from the counts alone."""
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(clean))
+    assert code == 0, err
+    radii = pq.read_table(clean / "results.parquet")["radius"].to_pylist()
+    assert set(radii) <= {0.0, 0.25, 0.5} and 0.5 in radii
+    assert "target-radius run" in (clean / "report.md").read_text()
+    kill_after_first_shard(out, tmp_path / "killed-job.log", settings=TARGET_RADIUS)
+    assert read_shards(str(out / "counts")).num_rows < sorted_counts(clean).num_rows
+
+    code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(out), "--resume")
+
+    assert code == 0, err
+    assert_same_run(out, clean)
+    reduced = tmp_path / "reduced.parquet"
+    done = subprocess.run([sys.executable, "jobs/reduce.py", str(out / "counts"), "--out", str(reduced)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert pq.read_table(reduced).equals(pq.read_table(out / "results.parquet"))

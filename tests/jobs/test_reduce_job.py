@@ -73,7 +73,7 @@ def test_adaptive_counts_go_to_the_sequential_reduce(tmp_path: Path, with_config
     assert done.returncode == 0, done.stderr
     arrays = counts_to_arrays(pq.read_table(counts / "part-a.parquet"), SIGMAS)
     sequential = certify_cascade_sequential(arrays.select_counts, arrays.estimate_counts, SIGMAS, 0.01,
-                                            fell_through=arrays.present[:, 1:])
+                                            routing="continue")  # the run's routing (make_run)
     clopper_pearson = certify_cascade(arrays.select_counts, arrays.estimate_counts, SIGMAS, 0.01)
     radius = pq.read_table(counts.parent / "r.parquet")["radius"].to_numpy()
     np.testing.assert_allclose(radius, sequential.radius)

@@ -16,9 +16,10 @@ from scipy.special import ndtri
 from scipy.stats import beta
 
 from pipeline.sampling.adaptive import round_ends, run_adaptive, run_fixed
-from pipeline.stats.sequential_cascade import AdaptiveSettings, certify_cascade_sequential
+from pipeline.stats.sequential_cascade import AdaptiveSettings, certificate_radius, certify_cascade_sequential
 from pipeline.stats.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade
 from pipeline.sampling.noise import NOISE_CHUNK, Phase
+from pipeline.errors import UserError
 from pipeline.stats.confidence_sequences import log_capital, sequence_lower, sequence_upper
 from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource, VoteRequests
 
@@ -120,7 +121,8 @@ def over_claims(prediction, radius, true_class, true_radius) -> np.ndarray:
 def test_round_ends_are_whole_chunks_up_to_n_max() -> None:
     ends = round_ends(10_000)
     assert ends[-1] == 10_000 and np.all(np.diff(ends) > 0) and np.all(ends[:-1] % NOISE_CHUNK == 0)
-    assert round_ends(100).tolist() == [100]
+    assert ends[0] == NOISE_CHUNK  # one chunk first: target-radius runs often stop there
+    assert round_ends(100).tolist() == [64, 100] and round_ends(50).tolist() == [50]
 
 
 @pytest.mark.parametrize("distance", [0.0, 0.05, 0.3])
@@ -170,8 +172,7 @@ def test_adaptive_saves_samples_and_replays_from_its_counts() -> None:
     adaptive = run_adaptive(MultinomialVotes(probabilities, seed=1), len(u), settings)
     fixed = run_fixed(MultinomialVotes(probabilities, seed=2), len(u), model.sigmas, 30, 4096, 0.01)
     assert adaptive.forward_passes < 0.6 * fixed.forward_passes
-    replayed = certify_cascade_sequential(adaptive.select_counts, adaptive.estimate_counts, model.sigmas, 0.01,
-                                          fell_through=adaptive.consulted[:, 1:])
+    replayed = certify_cascade_sequential(adaptive.select_counts, adaptive.estimate_counts, model.sigmas, 0.01)
     np.testing.assert_array_equal(replayed.prediction, adaptive.result.prediction)
     np.testing.assert_array_equal(replayed.radius, adaptive.result.radius)
 
@@ -185,6 +186,118 @@ def test_certify_sequential_reads_like_the_fixed_cascade() -> None:
     assert result.prediction.tolist() == [0, 1, -1]
     assert result.radius[0] == pytest.approx(0.5 * ndtri(lower))
     assert result.radius[1] == pytest.approx(0.5 * ndtri(sequence_lower(700, 1000, 0.01)))
+
+
+def peeking_clopper_pearson_claims(probability: float, sigma: float, radius: float, trials: int, n_max: int,
+                                   seed: int) -> np.ndarray:
+    """(trials,) bool: a rule that looks at the adaptive run's round ends and claims `radius` as soon
+    as the fixed-n Clopper-Pearson bound at that look would: the negative control of the coverage
+    tests (a fixed-n bound at a data-dependent stopping time)."""
+    looks = round_ends(n_max)
+    votes = np.cumsum(np.random.default_rng(seed).binomial(np.diff(looks, prepend=0), probability,
+                                                           size=(trials, len(looks))), axis=1)
+    lower = beta.ppf(ALPHA, np.maximum(votes, 1e-12), looks - votes + 1)
+    return (sigma * ndtri(np.where(votes > 0, lower, 0.0)) >= radius).any(axis=1)
+
+
+@pytest.mark.parametrize("distance, targets", [(0.249, (0.25,)), (0.0, (0.1,)), (0.3, (0.1, 0.25, 0.31))])
+def test_target_radius_claims_at_most_alpha_below_the_true_radius(distance: float, targets: tuple) -> None:
+    """LinearBinary at distance d < R: claiming R (or the wrong class) violates. With d just below
+    the target R = 0.25, peeking Clopper-Pearson on the same looks claims R far more often than alpha."""
+    sigma, trials, model = 0.5, 2000, LinearBinary(weights=np.array([1.0]), bias=0.0)
+    x = np.full((trials, 1), distance)
+    settings = AdaptiveSettings(sigmas=(sigma,), n_select=20, n_max=4096, alpha=ALPHA, target_radii=targets)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(x, sigma)[:, None, :], seed=21), trials, settings)
+    result = outcome.result
+    assert set(np.unique(result.radius)) <= {0.0, *targets}
+    violations = over_claims(result.prediction, result.radius, model.smoothed_class(x), model.true_radius(x))
+    assert violations.mean() <= ALPHA + tolerance(trials)
+    if distance == 0.249:
+        assert (result.radius == 0.25).any()  # the test sees claims: the rule is not merely timid
+        assert outcome.forward_passes < 0.5 * trials * (20 + 4096)
+        probability = float(model.probabilities(x[:1], sigma)[0, 1])
+        peeking = peeking_clopper_pearson_claims(probability, sigma, 0.25, trials, 4096, seed=22)
+        assert peeking.mean() > ALPHA + tolerance(trials)
+
+
+@pytest.mark.parametrize("routing", ["cascade", "continue", "best"])
+def test_target_radius_cascade_claims_at_most_alpha(routing: str) -> None:
+    """The three-scale analytic cascade, every routing, targets just above the true radii of its
+    tight inputs (0.1, 0.299, 0.5, 1.0), so a claim of the next R there is a violation."""
+    model, trials = example_cascade(), 200
+    names = list(EXAMPLE_CASCADE_INPUTS)
+    u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
+    targets = (0.1001, 0.3, 0.5001, 1.0001)
+    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA, routing=routing,
+                                target_radii=targets)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=13), len(u), settings)
+    result = outcome.result
+    violations = over_claims(result.prediction, result.radius, model.population_prediction(u),
+                             model.true_radius(u, result.prediction))
+    rates = violations.reshape(len(names), trials).mean(axis=1)
+    assert np.all(rates <= ALPHA + tolerance(trials)), dict(zip(names, rates))
+    claimed = (result.radius == 0.3).reshape(len(names), trials).mean(axis=1)
+    assert claimed[names.index("sigma 0.5 certifies, cap from 1.0 binds (tight)")] > 0.5
+    replayed = certify_cascade_sequential(outcome.select_counts, outcome.estimate_counts, model.sigmas, ALPHA,
+                                          routing=routing, target_radii=targets)
+    np.testing.assert_array_equal(replayed.radius, result.radius)
+    if routing == "best":
+        assert outcome.consulted.all()
+
+
+@pytest.mark.parametrize("routing", ["continue", "best"])
+def test_adaptive_routings_violate_at_most_alpha(routing: str) -> None:
+    """General mode with the routings that go on past an uncertified (or any) scale: still valid."""
+    model, trials = example_cascade(), 150
+    names = list(EXAMPLE_CASCADE_INPUTS)
+    u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
+    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA, routing=routing)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=14), len(u), settings)
+    result = outcome.result
+    violations = over_claims(result.prediction, result.radius, model.population_prediction(u),
+                             model.true_radius(u, result.prediction))
+    rates = violations.reshape(len(names), trials).mean(axis=1)
+    assert np.all(rates <= ALPHA + tolerance(trials)), dict(zip(names, rates))
+    certified = (result.prediction >= 0).reshape(len(names), trials).mean(axis=1)
+    assert certified[names.index("sigma 0.25 certifies, cap from 0.5 binds (tight)")] > 0.5  # caps work
+    if routing == "best":
+        assert outcome.consulted.all()
+
+
+def test_routing_reads_the_stages_sampled_and_best_takes_the_largest() -> None:
+    """Hand-made two-scale counts: stage 0 certifies a small radius (60 % of the votes), stage 1 a larger
+    one (every vote; its cap from stage 0 is loose because the other 40 % are split). Cascade and
+    continue let the last stage sampled speak; best picks the larger certificate; target radii round
+    each radius down to the largest R it proves."""
+    select = np.array([[[30, 0, 0], [30, 0, 0]]])
+    estimate = np.array([[[600, 200, 200], [1000, 0, 0]]])
+    sigmas = [0.5, 0.25]
+    first_only = certify_cascade_sequential(select[:, :1], estimate[:, :1], sigmas[:1], 0.01)
+    both = certify_cascade_sequential(select, estimate, sigmas, 0.01)
+    best = certify_cascade_sequential(select, estimate, sigmas, 0.01, routing="best")
+    stage_0 = certify_cascade_sequential(select * [[[1], [0]]], estimate * [[[1], [0]]], sigmas, 0.01)
+    assert stage_0.stage.tolist() == [0] and 0 < stage_0.radius[0] < 0.1
+    assert both.stage.tolist() == [1] and best.stage.tolist() == [1] and both.radius[0] == best.radius[0]
+    assert best.radius[0] > stage_0.radius[0] > 0 and best.prediction.tolist() == [0]
+    assert first_only.radius[0] > stage_0.radius[0]  # one scale: alpha split over 1 interval, not 3
+    targets = certify_cascade_sequential(select, estimate, sigmas, 0.01, routing="best", target_radii=(0.05, 0.3))
+    assert targets.radius.tolist() == [0.3]
+    assert certificate_radius(np.array([0.04, 0.05, 0.29, 0.31]), (0.05, 0.3)).tolist() == [0.0, 0.05, 0.05, 0.3]
+    with pytest.raises(UserError):  # best routing samples every scale
+        certify_cascade_sequential(select * [[[1], [0]]], estimate * [[[1], [0]]], sigmas, 0.01, routing="best")
+    with pytest.raises(UserError):  # a gap: stage 1 without stage 0
+        certify_cascade_sequential(select * [[[0], [1]]], estimate * [[[0], [1]]], sigmas, 0.01)
+
+
+def test_target_radius_needs_fewer_samples_than_the_general_mode() -> None:
+    """Same analytic inputs: proving fixed radii stops long before the radius itself is settled."""
+    model, trials = example_cascade(), 20
+    u = np.repeat(list(EXAMPLE_CASCADE_INPUTS.values()), trials)
+    general = run_adaptive(MultinomialVotes(model.probabilities(u), seed=3), len(u),
+                           AdaptiveSettings(model.sigmas, 30, 4096, alpha=0.01))
+    target = run_adaptive(MultinomialVotes(model.probabilities(u), seed=3), len(u),
+                          AdaptiveSettings(model.sigmas, 30, 4096, alpha=0.01, target_radii=(0.25, 0.5)))
+    assert target.forward_passes < 0.5 * general.forward_passes
 
 
 # --- the fused vote source: same noise as the fused step ---------------------------------------
@@ -271,3 +384,18 @@ def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_pat
     assert results["image_id"].to_pylist() == ids.tolist()
     np.testing.assert_array_equal(results["prediction"].to_numpy(), direct.result.prediction)
     np.testing.assert_allclose(results["radius"].to_numpy(), direct.result.radius)
+
+
+def test_target_radius_flag_needs_adaptive_and_positive_radii(monkeypatch) -> None:
+    """--target-radius is refused without --adaptive and for radii <= 0; it is sorted into the config."""
+    from pipeline.app.args import build_parser, request_from_args
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    parser = build_parser("digits", "test")
+    with pytest.raises(UserError, match="--adaptive"):
+        request_from_args(parser.parse_args(["--target-radius", "0.5", "--device", "cpu"]))
+    with pytest.raises(UserError, match="positive"):
+        request_from_args(parser.parse_args(["--adaptive", "--target-radius", "0", "--device", "cpu"]))
+    request = request_from_args(parser.parse_args(["--adaptive", "--target-radius", "0.5", "--target-radius", "0.25",
+                                                   "--device", "cpu"]))
+    assert request.sampling.target_radii == (0.25, 0.5) and request.sampling.strategy == "adaptive"
