@@ -24,19 +24,13 @@ from pipeline.errors import UserError
 
 TARGETS = {
     "fused_speedup": 1.5,
-<<<<<<< HEAD
     "ray_efficiency": 0.90,
     "main_job_cached_s": 45.0,
     "main_job_first_run_s": 180.0,
     "ray_workers_over_actors": 4,
-    "adaptive_passes_saved": 0.40,
-    "adaptive_accuracy_points": 1.0,
-=======
-    "ray_efficiency": 0.85,
     "adaptive_times_fewer": 4.0,  # general mode: forward passes of fixed n / adaptive
     "target_radius_times_fewer": 20.0,  # target-radius mode, at R = 0.25 and 0.5
     "accuracy_images": 1,  # certified accuracy within this many images of fixed n's
->>>>>>> issue16
     "gpu_mfu": 0.40,
 }
 

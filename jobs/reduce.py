@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.app.cli import run_main
 from pipeline.app.presets import parse_sigmas
@@ -35,6 +34,7 @@ from pipeline.app.report import markdown_table, summary_rows
 from pipeline.errors import UserError
 from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS, check_p0
 from pipeline.store.counts import CountsArrays, counts_to_arrays, read_counts_reporting
+from pipeline.store.atomic import write_parquet
 from pipeline.store.run_config import counts_run_settings, read_image_ids
 
 DEFAULT_ALPHA = 0.001
@@ -145,10 +145,7 @@ def main() -> None:
     arrays = counts_to_arrays(table, sigmas)
     asked = read_image_ids(str(Path(args.counts).resolve().parent)) if Path(args.counts).is_dir() else None
     results = reduce(args, settings, arrays, asked, unreadable)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(results, tmp)
-    tmp.replace(out)
+    write_parquet(results, str(out))
     alpha, alpha_mode, routing, p0 = statistics(args, settings)
     certified = int((results["prediction"].to_numpy() >= 0).sum())
     print(f"wrote {out}: {results.num_rows} images, {certified} certified, sigmas {arrays.sigmas.tolist()}, "

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from pipeline.data.digits import IMAGE_SIZE, NUM_CLASSES, load_digits_split
 from pipeline.errors import UserError
 from pipeline.models.classifier import NormalizedClassifier
-from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
+from pipeline.models.denoiser import load_denoiser
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
-from pipeline.store.atomic import write_bytes, write_parquet
+from pipeline.store.atomic import read_parquet, write_bytes, write_parquet
 
 RUN_CONFIG = "run_config.json"
 IMAGES = "images.parquet"
@@ -54,8 +54,7 @@ def read_image_ids(out: str) -> np.ndarray | None:
     fs, path = fsspec.core.url_to_fs(join(out, IMAGES))
     if not fs.exists(path):
         return None
-    with fs.open(path, "rb") as handle:
-        return pq.read_table(handle)["image_id"].to_numpy()
+    return read_parquet(join(out, IMAGES))["image_id"].to_numpy()
 
 
 def counts_run_settings(counts: str) -> dict | None:

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.store.atomic import write_parquet
+from pipeline.store.atomic import read_parquet, write_parquet
 from pipeline.store.counts import COUNTS_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -48,8 +47,8 @@ def read_shards(directory: str) -> pa.Table:
     tables = []
     for path in sorted(fs.glob(f"{root.rstrip('/')}/part-*.parquet")):
         try:
-            with fs.open(path, "rb") as handle:
-                tables.append(pq.read_table(handle).select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA))
+            table = read_parquet(fs.unstrip_protocol(path))
+            tables.append(table.select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA))
         except (pa.ArrowException, OSError, KeyError) as error:
             logger.warning("ignoring unreadable counts shard %s (%s); it will be recomputed", path, error)
     return _drop_repeated_rows(pa.concat_tables(tables)) if tables else COUNTS_SCHEMA.empty_table()
