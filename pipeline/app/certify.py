@@ -40,6 +40,15 @@ class CertifyRequest:
     resume: bool = False
 
 
+def inputs_of(request: CertifyRequest) -> dict:
+    """Besides the sampling settings, what the counts depend on: the models and how the images reach
+    them. Recorded with the settings so that `--resume` refuses to mix, e.g., two denoiser fits."""
+    models, data = request.models, request.data
+    return {"data": data.data, "preprocess": data.preprocess, "denoiser": models.denoiser,
+            "classifier": models.classifier, "classifier_weights": models.classifier_weights,
+            "denoiser_fit": models.denoiser_fit, "classifier_interpolation": models.classifier_interpolation}
+
+
 def run_settings(sampling: SamplingConfig, user_alpha: float) -> dict:
     """The run's settings as stored in run_config.json and in every shard's metadata: the sampling
     config (alpha is the per-image level) plus the alpha the user asked for (differs under
@@ -98,6 +107,7 @@ def collect_counts(request: CertifyRequest, stopwatch: Stopwatch, min_select: in
     workload = build_workload(request.preset, request.data, request.models)
     sampling = per_image_sampling(sampling, len(workload.image_ids))
     settings = run_settings(sampling, request.sampling.alpha)
+    settings["inputs"] = inputs_of(request)
     check_resume(request.out, settings, request.resume)  # only once the models load: a failed start leaves OUT empty
     write_image_ids(request.out, workload.image_ids)
     stopwatch.lap("models")

@@ -23,7 +23,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive, run_fixed
+from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive
+from pipeline.sampling.strategies import run_fixed
 from pipeline.stats.sequential_cascade import AdaptiveSettings
 from pipeline.stats.cascade import certify_cascade
 from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy, sample_totals

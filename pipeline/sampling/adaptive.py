@@ -1,13 +1,12 @@
 """Adaptive sampling (the strategy): rounds of votes until each (image, scale) is settled.
 
 The stopping and certification rules are statistics and live in pipeline/stats/sequential_cascade.py;
-this module only asks a vote source for the next rounds. `run_fixed` is the fixed-n early-exit
-baseline over the same source, for the benchmark.
+this module only asks a vote source for the next rounds. The fixed-n baseline over the same
+source is `pipeline.sampling.strategies.run_fixed`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from pipeline.sampling.kernel import VoteRequests
 from pipeline.sampling.noise import NOISE_CHUNK, Phase
 from pipeline.sampling.votes import VoteSource
-from pipeline.stats.cascade import CascadeResult, certify_cascade, undecided_mask
+from pipeline.stats.cascade import CascadeResult
 from pipeline.stats.sequential_cascade import DONE, NEXT, AdaptiveSettings, certify_cascade_sequential, round_status
 
 
@@ -94,32 +93,3 @@ def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings
     result = certify_cascade_sequential(select, estimate, settings.sigmas, settings.alpha, settings.p0,
                                         settings.routing, settings.target_radii)
     return SamplingOutcome(result, select, estimate, rounds)
-
-
-def run_fixed(
-    source: VoteSource, num_images: int, sigmas: Sequence[float], n_select: int, n: int, alpha: float,
-    p0: float = 0.5,
-) -> SamplingOutcome:
-    """The fixed-n cascade with early exit (union mode) over the same source: the baseline that
-    adaptive sampling is measured against, sharing its noise chunks."""
-    num_scales, num_classes = len(sigmas), source.num_classes
-    select = np.zeros((num_images, num_scales, num_classes), dtype=np.int64)
-    estimate = np.zeros_like(select)
-    rows = np.arange(num_images)
-    consulted_stages = 0
-    for k in range(num_scales):
-        if k:
-            rows = rows[undecided_mask(select[rows, :k], estimate[rows, :k], num_scales, alpha, "union", p0)]
-        if rows.size == 0:
-            break
-        count = len(rows)
-        consulted_stages += 1
-        votes = source.votes(VoteRequests.concat([
-            VoteRequests(rows, np.full(count, k), np.full(count, int(Phase.SELECT)), np.zeros(count),
-                         np.full(count, n_select)),
-            VoteRequests(rows, np.full(count, k), np.full(count, int(Phase.ESTIMATE)), np.zeros(count),
-                         np.full(count, n)),
-        ]))
-        select[rows, k], estimate[rows, k] = votes[:count], votes[count:]
-    result = certify_cascade(select, estimate, sigmas, alpha, "union", p0)
-    return SamplingOutcome(result, select, estimate, int(consulted_stages))

@@ -19,18 +19,18 @@ same walk without sampling: which images still need any cell.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.sampling.adaptive import run_adaptive
+from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive
 from pipeline.sampling.kernel import VoteRequests
 from pipeline.sampling.noise import Phase
 from pipeline.sampling.votes import VoteSource
-from pipeline.stats.cascade import AlphaMode, Routing, needs_next_stage
+from pipeline.stats.cascade import AlphaMode, Routing, certify_cascade, needs_next_stage
 from pipeline.stats.prediction import predict_cascade
 from pipeline.stats.sequential_cascade import AdaptiveSettings
 
@@ -219,3 +219,14 @@ def make_strategy(config: SamplingConfig) -> Strategy:
 
         return EarlyExit(num_scales, config.n_select, config.n, certify_rule)
     raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}")
+
+
+def run_fixed(source: VoteSource, num_images: int, sigmas: Sequence[float], n_select: int, n: int, alpha: float,
+              p0: float = 0.5, routing: Routing = "cascade") -> SamplingOutcome:
+    """The fixed-n early-exit cascade (union mode) over `source`, as the actors run it: the baseline
+    adaptive sampling is measured against, on the same noise chunks. `rounds` counts the stages sampled."""
+    config = SamplingConfig(tuple(sigmas), n_select, n, 0, alpha, "union", p0, routing=routing)
+    counts = BatchCounts.empty(num_images, len(sigmas), source.num_classes)
+    stages = sum(1 for _ in make_strategy(config).sample(source, counts))
+    result = certify_cascade(counts.select, counts.estimate, sigmas, alpha, "union", p0, routing)
+    return SamplingOutcome(result, counts.select, counts.estimate, stages)

@@ -36,9 +36,21 @@ def check_resume(out: str, settings: dict, resume: bool) -> None:
     if resume and fs.exists(path):
         found = json.loads(fs.cat_file(path))
         if found != settings:
-            changed = sorted(k for k in settings.keys() | found.keys() if found.get(k) != settings.get(k))
+            changed = _changed(found, settings)
             raise UserError(f"--resume with different settings than the interrupted run: {', '.join(changed)}")
     write_bytes(url, json.dumps(settings, indent=2).encode())
+
+
+def _changed(found: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Names of the settings that differ; nested ones as parent.name (e.g. inputs.denoiser_fit)."""
+    names = []
+    for key in sorted(found.keys() | wanted.keys()):
+        old, new = found.get(key), wanted.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            names += _changed(old, new, f"{prefix}{key}.")
+        elif old != new:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def shard_metadata(settings: dict) -> dict[bytes, bytes]:

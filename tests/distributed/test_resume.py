@@ -129,17 +129,21 @@ def test_resume_recomputes_half_written_and_garbage_shards(tmp_path, clean_run, 
     assert_same_run(out, clean_run)  # so the rows of both unreadable shards were recomputed
 
 
-def test_resume_with_changed_settings_is_refused_and_keeps_files(tmp_path, clean_run, monkeypatch, capfd):
+@pytest.mark.parametrize("changed, name", [
+    ([arg if arg != "100" else "200" for arg in SETTINGS], "n"),  # --n 100 → --n 200
+    ([*SETTINGS, "--denoiser-fit", "native"], "inputs.denoiser_fit"),  # the counts depend on the models too
+])
+def test_resume_with_changed_settings_is_refused_and_keeps_files(tmp_path, clean_run, monkeypatch, capfd, changed,
+                                                                  name):
     out = tmp_path / "out"
     shutil.copytree(clean_run, out)
     before = snapshot(out)
-    changed = [arg if arg != "100" else "200" for arg in SETTINGS]  # --n 100 → --n 200
 
     code, err = run_certify(monkeypatch, capfd, *changed, "--out", str(out), "--resume")
 
     assert code == 2
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    assert err.strip().rsplit(":", 1)[-1].split() == ["n"]  # names the one setting that changed
+    assert err.strip().rsplit(":", 1)[-1].split() == [name]  # names the one setting that changed
     assert snapshot(out) == before
 
 

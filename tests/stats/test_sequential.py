@@ -15,7 +15,8 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import beta
 
-from pipeline.sampling.adaptive import round_ends, run_adaptive, run_fixed
+from pipeline.sampling.adaptive import round_ends, run_adaptive
+from pipeline.sampling.strategies import run_fixed
 from pipeline.stats.sequential_cascade import AdaptiveSettings, certificate_radius, certify_cascade_sequential
 from pipeline.stats.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade
 from pipeline.sampling.noise import NOISE_CHUNK, Phase
