@@ -21,12 +21,6 @@ from pipeline.models.classifier import load_hf_classifier, load_timm_classifier
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected_logits(network, images: torch.Tensor, size: int, mode: str, mean, std) -> torch.Tensor:

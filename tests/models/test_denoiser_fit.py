@@ -33,13 +33,6 @@ INPUT_SIZE = 24
 SIGMA = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models on a busy 2-core machine: one thread avoids OpenMP oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet_config(in_channels: int = 1) -> UNet2DModel:

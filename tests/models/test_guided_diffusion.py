@@ -34,13 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The models are tiny: one thread avoids OpenMP oversubscription slowing them 10x on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
