@@ -21,19 +21,26 @@ def user_error_message(error: BaseException) -> str:
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a job's main(): UserError → 'error: …' on stderr and exit 2, never a traceback."""
+    """Run a job's main(): UserError → 'error: …' on stderr and exit 2, never a traceback.
+
+    The exit happens after the `except` blocks, once the error and its traceback are released: exiting
+    inside them kept main()'s frames (pyarrow tables and datasets among their locals) alive until the
+    interpreter's shutdown, where freeing them aborted the process now and then ("terminate called
+    without an active exception")."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    message = None
     try:
         main()
     except UserError as error:
-        print(f"error: {user_error_message(error)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        message = user_error_message(error)
     except Exception as error:  # Ray re-raises task errors as RayTaskError subclasses of the cause
         cause = getattr(error, "cause", None)
-        if isinstance(cause, UserError):
-            print(f"error: {user_error_message(cause)}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
-        raise
+        if not isinstance(cause, UserError):
+            raise
+        message = user_error_message(cause)
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def prepare_out_dir(out: str, overwrite: bool, resume: bool) -> None:
