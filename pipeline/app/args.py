@@ -96,27 +96,7 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     data.add_argument("--start", type=int, default=0, help="first image index")
     data.add_argument("--on-bad-image", choices=("fail", "skip"), default="fail",
                       help="unreadable image files: fail, or skip with a warning and list them in the report")
-    data.add_argument("--preprocess", choices=tuple(PREPROCESSING), metavar="|".join(PREPROCESSING),
-                      help="image files (imagenet preset) to the certified 224x224 input: "
-                      + "; ".join(p.describe() for p in PREPROCESSING.values())
-                      + f" (default {DEFAULT_PREPROCESS})")
-    data.add_argument("--denoiser", help="diffusers UNet2DModel + DDPMScheduler directory, local or fsspec URL "
-                      "(guided-diffusion .pt checkpoints: convert with jobs/convert_guided_diffusion.py; digits: "
-                      "default the cached embedded model, or e.g. a fine-tuned one from jobs/finetune_diffusion.py)")
-    data.add_argument("--denoiser-fit", choices=DENOISER_FITS, default="pad", metavar="|".join(DENOISER_FITS),
-                      help="images whose size is not the UNet's: pad (reflection-pad to its size, crop back; the "
-                      "published multi-scale code; default), native (run the UNet at the image size, a multiple "
-                      "of its downsampling; Carlini et al.), resize (bilinear; changes the noise statistics)")
-    data.add_argument("--classifier", help="timm model name (with --classifier-weights; input size, "
-                      "interpolation and normalization from timm's data config), hf:DIR or a directory with "
-                      "config.json (a Hugging Face transformers image classifier, save_pretrained with its "
-                      "image processor; loaded offline), or a TorchScript .pt/.ts/.jit file that takes "
-                      "[0,1] images and returns one logit per class")
-    data.add_argument("--classifier-interpolation", choices=INTERPOLATIONS, metavar="|".join(INTERPOLATIONS),
-                      help="resize of the denoised image to the classifier's input size (antialiased; default: "
-                      "the classifier's own config, bicubic for timm's BEiT/ViT)")
-    data.add_argument("--classifier-weights", help="timm classifier weights (.safetensors or torch state dict), "
-                      "local or fsspec URL")
+    add_model_arguments(data)
     run = parser.add_argument_group("execution")
     run.add_argument("--batch-size", type=int, help="samples per fused forward pass (preset default)")
     run.add_argument("--images-per-batch", type=int, default=16,
@@ -135,11 +115,38 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     return parser
 
 
+
+def add_model_arguments(group: argparse._ArgumentGroup) -> None:
+    """The preprocessing and model flags, shared by certification and fine-tuning so that a denoiser is
+    fine-tuned on exactly the inputs it will certify (same loaders, fit and classifier resize)."""
+    data = group
+    data.add_argument("--preprocess", choices=tuple(PREPROCESSING), metavar="|".join(PREPROCESSING),
+                      help="image files (imagenet preset) to the certified 224x224 input: "
+                      + "; ".join(p.describe() for p in PREPROCESSING.values())
+                      + f" (default {DEFAULT_PREPROCESS})")
+    data.add_argument("--denoiser", help="diffusers UNet2DModel + DDPMScheduler directory, local or fsspec URL "
+                      "(guided-diffusion .pt checkpoints: convert with jobs/convert_guided_diffusion.py; digits: "
+                      "default the cached embedded model, or e.g. a fine-tuned one from jobs/finetune_diffusion.py)")
+    data.add_argument("--denoiser-fit", choices=DENOISER_FITS, metavar="|".join(DENOISER_FITS),
+                      help="images whose size is not the UNet's: pad (reflection-pad to its size, crop back; the "
+                      "published multi-scale code; default), native (run the UNet at the image size, a multiple "
+                      "of its downsampling; Carlini et al.), resize (bilinear; changes the noise statistics)")
+    data.add_argument("--classifier", help="timm model name (with --classifier-weights; input size, "
+                      "interpolation and normalization from timm's data config), hf:DIR or a directory with "
+                      "config.json (a Hugging Face transformers image classifier, save_pretrained with its "
+                      "image processor; loaded offline), or a TorchScript .pt/.ts/.jit file that takes "
+                      "[0,1] images and returns one logit per class")
+    data.add_argument("--classifier-interpolation", choices=INTERPOLATIONS, metavar="|".join(INTERPOLATIONS),
+                      help="resize of the denoised image to the classifier's input size (antialiased; default: "
+                      "the classifier's own config, bicubic for timm's BEiT/ViT)")
+    data.add_argument("--classifier-weights", help="timm classifier weights (.safetensors or torch state dict), "
+                      "local or fsspec URL")
+
 def request_from_args(args: argparse.Namespace) -> CertifyRequest:
     preset = get_preset(args.preset)
     sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
-    use_gpu = _use_gpu(args.device)
-    num_actors = _num_actors(args.num_actors, use_gpu, reads_files=preset.name != "digits")
+    gpu = use_gpu(args.device)
+    num_actors = _num_actors(args.num_actors, gpu, reads_files=preset.name != "digits")
     if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
         raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
     if args.target_radius and not args.adaptive:
@@ -170,7 +177,7 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             num_actors=num_actors,
             images_per_batch=args.images_per_batch,
             samples_per_forward=args.batch_size if args.batch_size is not None else preset.batch_size,
-            use_gpu=use_gpu,
+            use_gpu=gpu,
         ),
         data=DataOptions(
             data=args.data,
@@ -180,7 +187,7 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             on_bad_image=args.on_bad_image,
             preprocess=args.preprocess,
         ),
-        models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights, args.denoiser_fit,
+        models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights, args.denoiser_fit or "pad",
                             args.classifier_interpolation),
         out=args.out or f"outputs/{preset.name}",
         overwrite=args.overwrite,
@@ -235,7 +242,7 @@ def _cluster_resource(name: str) -> int:
     return int(ray.cluster_resources().get(name, 0))
 
 
-def _use_gpu(device: str) -> bool:
+def use_gpu(device: str) -> bool:
     """Whether each actor asks Ray for one GPU. `auto` sees only the GPUs present now, not the ones an
     autoscaler would add on demand, hence `cuda`."""
     import os

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -42,6 +43,7 @@ class DataOptions:
     start: int = 0
     on_bad_image: str = "fail"
     preprocess: str | None = None  # image files only; None: the preset's default (DEFAULT_PREPROCESS)
+    split: Literal["test", "train"] = "test"  # digits and CIFAR-10; fine-tuning reads "train"
 
 
 # Cohen et al.'s and Carlini et al.'s ImageNet preprocessing (docs/imagenet-cifar.md).
@@ -75,21 +77,26 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
     if models.classifier_interpolation is not None:
         raise UserError("--classifier-interpolation: the digits classifier runs at the data's size (no resize)")
     split = load_digits_split()
-    ids = np.arange(len(split.test_images))[data.start::data.skip][: data.num_images]
+    images, labels = ((split.train_images, split.train_labels) if data.split == "train"
+                      else (split.test_images, split.test_labels))
+    ids = np.arange(len(images))[data.start::data.skip][: data.num_images]
     denoiser_dir = models.denoiser or str(digits_denoiser_dir())
-    spec = ModelSpec(denoiser_dir, "digits", str(digits_classifier_dir()), preset.num_classes, in_chans=1,
+    kind, classifier_location = (("torchscript", models.classifier) if models.classifier
+                                 else ("digits", str(digits_classifier_dir())))
+    spec = ModelSpec(denoiser_dir, kind, classifier_location, preset.num_classes, in_chans=1,
                      denoiser_fit=models.denoiser_fit)
-    image_shape = tuple(split.test_images.shape[1:])
+    image_shape = tuple(images.shape[1:])
     model_lines = spec.check(image_shape)  # fails fast, in the driver, on a bad --denoiser, fit or cache
     _, classifier = spec.load()
 
     def dataset_for(todo: np.ndarray, num_blocks: int) -> ray.data.Dataset:
         return ray.data.from_items([
-            {"image_id": int(i), "label": int(split.test_labels[i]), "image": split.test_images[i]} for i in todo
+            {"image_id": int(i), "label": int(labels[i]), "image": images[i]} for i in todo
         ], override_num_blocks=num_blocks)
 
     notes = (
         f"denoiser: {denoiser_dir}",
+        f"classifier: {classifier_location} ({kind})",
         f"preprocessing: none ({image_shape[1]}x{image_shape[2]} as stored)",
         *model_lines,
         f"base classifier clean test accuracy: {100 * clean_accuracy(classifier):.1f}% "
@@ -158,7 +165,7 @@ def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Worklo
         raise UserError(f"preset {preset.name} needs --data: {expected}")
     selection = dict(skip=data.skip, num_images=data.num_images, start=data.start)
     if preset.name == "cifar10":
-        source = sources.cifar10_source(data.data, **selection)
+        source = sources.cifar10_source(data.data, split=data.split, **selection)
         preprocessing = "none (32x32 as stored)"
     else:
         chosen = PREPROCESSING[data.preprocess or DEFAULT_PREPROCESS]

@@ -21,40 +21,50 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.errors import UserError
 from pipeline.finetune.loss import METRIC_NAMES, LossSettings, cascade_finetune_loss
-from pipeline.finetune.weights import load_checkpoint, save_checkpoint, trainable_unet
-from pipeline.models.denoiser import DenoiserFit, OneShotDenoiser, load_denoiser
+from pipeline.finetune.weights import LoraSettings, load_checkpoint, save_checkpoint, trainable_unet
+from pipeline.models.denoiser import OneShotDenoiser
+from pipeline.models.spec import ModelSpec
 
-ClassifierKind = Literal["digits", "torchscript"]
+Precision = Literal["bf16", "fp32"]
 
 
 @dataclass(frozen=True)
 class FinetuneSettings:
     """Everything a worker needs besides data; stored as JSON in every checkpoint.
 
-    `batch_size` is per worker, so the effective batch is num_workers × batch_size.
+    `model_spec` is certification's own description of the models (same loaders, denoiser fit and
+    classifier preprocessing), so the denoiser is trained on exactly the inputs it will certify.
+    `batch_size` is per worker, so the effective batch is num_workers × batch_size. `checkpoint_every`:
+    optimizer steps between checkpoints (0: at epoch ends only); an ImageNet epoch is long, so a
+    preempted run would otherwise lose hours.
     """
 
-    denoiser_dir: str
-    classifier_dir: str
-    classifier_kind: ClassifierKind
-    num_classes: int
+    model_spec: ModelSpec
     loss: LossSettings = field(default_factory=LossSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     epochs: int = 4
     batch_size: int = 32
     learning_rate: float = 1e-4
     grad_clip: float = 1.0
-    lora_rank: int = 0
     seed: int = 0
     probe_samples: int = 16
     train_rows: int = 0
-    denoiser_fit: DenoiserFit = "pad"
+    checkpoint_every: int = 0
+    precision: Precision = "fp32"
+    gradient_checkpointing: bool = False
 
     @classmethod
     def from_json(cls, record: dict[str, Any]) -> "FinetuneSettings":
         loss = dict(record["loss"], sigmas=tuple(record["loss"]["sigmas"]))
-        return cls(**dict(record, loss=LossSettings(**loss)))
+        lora = dict(record["lora"], targets=tuple(record["lora"]["targets"]))
+        return cls(**dict(record, model_spec=ModelSpec(**record["model_spec"]), loss=LossSettings(**loss),
+                          lora=LoraSettings(**lora)))
+
+    def steps_per_epoch(self, world: int) -> int:
+        """Optimizer steps per epoch: Ray Train splits the rows equally, every worker drops its last
+        partial batch, so every worker takes the same steps (each report is a barrier)."""
+        return self.train_rows // world // self.batch_size
 
 
 @dataclass(frozen=True)
@@ -65,18 +75,8 @@ class ProbeSet:
     labels: np.ndarray
 
 
-def load_frozen_classifier(kind: ClassifierKind, path: str) -> torch.nn.Module:
+def frozen(classifier: torch.nn.Module) -> torch.nn.Module:
     """The classifier f in eval mode with no trainable parameters: gradients pass through, never into it."""
-    if kind == "digits":
-        from pipeline.models.digits import load_digits_classifier
-
-        classifier = load_digits_classifier(path)
-    elif kind == "torchscript":
-        from pipeline.models.classifier import load_torchscript_classifier
-
-        classifier = load_torchscript_classifier(path)
-    else:
-        raise UserError(f"unknown classifier kind {kind!r}; expected 'digits' or 'torchscript'")
     for parameter in classifier.parameters():  # (TorchScript modules lack requires_grad_)
         parameter.requires_grad_(False)
     return classifier.eval()
@@ -90,9 +90,9 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     return generator
 
 
-def _autocast(device: torch.device):
-    """bf16 on GPU for speed (no loss scaling needed); exact fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def autocast(device: torch.device, precision: Precision):
+    """bf16 autocast (no loss scaling needed: bf16 has fp32's range), or exact fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def _sum_over_workers(values: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,7 @@ def probe_metrics(
     samples: int,
     seed: int,
     num_classes: int,
+    precision: Precision = "fp32",
 ) -> dict[str, float]:
     """Smoothed accuracy (majority vote of `samples` denoisings) and the share of images whose wrong
     vote winner holds more than half the votes — the ones a certificate could claim wrongly.
@@ -128,7 +129,7 @@ def probe_metrics(
         noisy = images.repeat(samples, 1, 1, 1)
         noisy = noisy + sigma * torch.randn(noisy.shape, generator=generator, device=device)
         timesteps = torch.full((len(noisy),), denoiser.timestep_for_sigma(sigma), device=device)
-        with _autocast(device):
+        with autocast(device, precision):
             predictions = classifier(denoiser(noisy, timesteps)).argmax(dim=-1).view(samples, -1)
         votes = F.one_hot(predictions, num_classes).sum(dim=0)
         winner_wrong = votes.argmax(dim=1) != labels
@@ -144,20 +145,21 @@ def probe_metrics(
     return metrics
 
 
-def _progress_bar(settings: FinetuneSettings, start_epoch: int, rank: int, world: int):
+def _progress_bar(settings: FinetuneSettings, done_steps: int, rank: int, world: int):
     """One bar over the remaining optimizer steps, shown by rank 0 through Ray's driver-side tqdm."""
     if rank != 0:
         return None
     from ray.experimental.tqdm_ray import tqdm
 
-    steps_per_epoch = settings.train_rows // world // settings.batch_size
-    return tqdm(total=steps_per_epoch * (settings.epochs - start_epoch), desc="fine-tuning denoiser")
+    total = settings.steps_per_epoch(world) * settings.epochs
+    return tqdm(total=max(total - done_steps, 0), desc="fine-tuning denoiser")
 
 
 @dataclass
 class _Worker:
     """One worker's training state. `denoiser` calls the UNet through DDP (training); `bare` calls the
-    same module directly (the probe, which must not enter DDP's gradient bookkeeping)."""
+    same module directly (the probe, which must not enter DDP's gradient bookkeeping). `progress`:
+    completed epochs, optimizer steps, steps into the current epoch, per-epoch history."""
 
     settings: FinetuneSettings
     device: torch.device
@@ -172,39 +174,50 @@ class _Worker:
 
     @classmethod
     def start(cls, settings: FinetuneSettings) -> "_Worker":
-        """Load the models, restore the latest checkpoint if the run has one, then wrap in DDP
-        (DDP broadcasts rank 0's weights, so every replica starts identical either way)."""
+        """Load the models through certification's loaders, restore the latest checkpoint if the run
+        has one, then wrap in DDP (DDP broadcasts rank 0's weights, so every replica starts identical)."""
         context = ray.train.get_context()
         device = ray.train.torch.get_device()
-        base = load_denoiser(settings.denoiser_dir, settings.denoiser_fit)
-        model = trainable_unet(base.unet, settings.lora_rank).to(device).train()
+        base, classifier = settings.model_spec.load()
+        if settings.gradient_checkpointing:  # recompute activations in backward: ADM-256 at a useful batch
+            base.unet.enable_gradient_checkpointing()
+        model = trainable_unet(base.unet, settings.lora).to(device).train()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-        progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+        progress: dict[str, Any] = {"epoch": 0, "step": 0, "epoch_step": 0, "history": []}
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 restored = load_checkpoint(Path(directory), model, optimizer)
             progress = {key: restored[key] for key in progress}
+
         def wrap(unet: torch.nn.Module) -> OneShotDenoiser:  # the base model's schedule, fit and timestep scale
             return OneShotDenoiser(unet, base.alphas_cumprod, base.prediction_type, base.fit,
                                    base.timestep_scale).to(device)
 
         bare, denoiser = wrap(model), wrap(model)
         denoiser.unet = ray.train.torch.prepare_model(model)
-        classifier = load_frozen_classifier(settings.classifier_kind, settings.classifier_dir).to(device)
+        classifier = frozen(classifier).to(device)
+        if settings.precision == "bf16":  # frozen: its weights need no fp32 master copy
+            classifier = classifier.to(torch.bfloat16)
         return cls(settings, device, context.get_world_rank(), context.get_world_size(), model, optimizer,
                    denoiser, bare, classifier, progress)
 
     def probe(self, probe_set: ProbeSet) -> dict[str, float]:
         self.model.eval()
-        metrics = probe_metrics(self.bare, self.classifier, probe_set, self.settings.loss.sigmas,
-                                self.settings.probe_samples, self.settings.seed, self.settings.num_classes)
+        settings = self.settings
+        metrics = probe_metrics(self.bare, self.classifier, probe_set, settings.loss.sigmas, settings.probe_samples,
+                                settings.seed, settings.model_spec.num_classes, settings.precision)
         self.model.train()
         return metrics
 
     def train_epoch(self, shard, epoch: int, bar) -> dict[str, float]:
-        """One pass over this worker's shard; returns the loss terms averaged over all workers' steps."""
+        """One pass over this worker's shard, with a checkpoint every `checkpoint_every` steps; returns
+        the loss terms averaged over all workers' steps of this pass.
+
+        A run resumed mid-epoch skips the batches the interrupted pass had trained on (Ray Data's
+        shard order is not guaranteed to repeat exactly, so they are not always the same images); the
+        noise of every step is fixed by its index either way."""
         settings = self.settings
         parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         sums = torch.zeros(len(METRIC_NAMES) + 1, device=self.device)  # the last entry counts steps
@@ -213,9 +226,12 @@ class _Worker:
             local_shuffle_buffer_size=4 * settings.batch_size,
             local_shuffle_seed=settings.seed + 7919 * epoch + self.rank,
         )
-        for batch in batches:
+        steps_per_epoch, done = settings.steps_per_epoch(self.world), self.progress["epoch_step"]
+        for index, batch in enumerate(batches):  # always drained: every worker ends the pass together
+            if index < done or index >= steps_per_epoch:
+                continue
             generator = step_generator(settings.seed, self.rank, self.progress["step"], self.device)
-            with _autocast(self.device):
+            with autocast(self.device, settings.precision):
                 terms = cascade_finetune_loss(self.denoiser, self.classifier, batch["image"].float(),
                                               batch["label"].long(), settings.loss, generator)
             self.optimizer.zero_grad(set_to_none=True)
@@ -224,8 +240,12 @@ class _Worker:
             self.optimizer.step()
             sums += torch.cat([terms.detached(), torch.ones(1, device=self.device)])
             self.progress["step"] += 1
+            self.progress["epoch_step"] += 1
             if bar is not None:
                 bar.update(1)
+            every = settings.checkpoint_every
+            if every and self.progress["step"] % every == 0 and self.progress["epoch_step"] < steps_per_epoch:
+                self.report({"epoch": epoch, "step": self.progress["step"]})
         totals = _sum_over_workers(sums)
         steps = max(float(totals[-1]), 1.0)
         return {name: float(value) / steps for name, value in zip(METRIC_NAMES, totals)}
@@ -239,7 +259,8 @@ class _Worker:
                 record = {"settings": asdict(self.settings), **self.progress}
                 save_checkpoint(Path(directory), self.model, self.optimizer, record)
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
-                print(_epoch_line(metrics, self.settings.epochs), flush=True)
+                if "loss" in metrics:
+                    print(_epoch_line(metrics, self.settings.epochs), flush=True)
             ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -254,11 +275,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if worker.rank == 0:
             print(f"base denoiser: {_probe_text(progress['history'][0])}", flush=True)
     shard = ray.train.get_dataset_shard("train")
-    bar = _progress_bar(settings, progress["epoch"], worker.rank, worker.world)
+    bar = _progress_bar(settings, progress["step"], worker.rank, worker.world)
     for epoch in range(progress["epoch"], settings.epochs):
         metrics: dict[str, float] = {"epoch": epoch + 1, **worker.train_epoch(shard, epoch, bar)}
         metrics.update({"step": progress["step"], **worker.probe(probe_set)})
-        progress["epoch"] = epoch + 1
+        progress.update(epoch=epoch + 1, epoch_step=0)
         progress["history"].append(metrics)
         worker.report(metrics)
     if bar is not None:

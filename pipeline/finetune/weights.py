@@ -12,6 +12,8 @@ certification needs neither peft nor this package's training code.
 from __future__ import annotations
 
 import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +24,45 @@ from peft.tuners.lora import LoraModel
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.models.denoiser import load_denoiser, write_timestep_scale
+from pipeline.models.denoiser import FINETUNE_RECORD_FILE, load_denoiser, write_timestep_scale
+from pipeline.models.spec import local_copy
 
 LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
-"""The ResNet convolutions and attention projections: where a UNet's capacity sits (diffusers naming)."""
+"""The ResNet convolutions and attention projections: where a UNet's capacity sits (diffusers naming,
+which the guided-diffusion converter also produces for ADM)."""
 ADAPTER_NAME = "default"
 WEIGHTS_FILE = "weights.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "training.json"
 
 
-def trainable_unet(unet: UNet2DModel, lora_rank: int) -> torch.nn.Module:
-    """The UNet itself for full fine-tuning (lora_rank 0), else a peft LoraModel in which only the
+@dataclass(frozen=True)
+class LoraSettings:
+    """rank 0 = full fine-tuning; alpha None = rank (peft scales the adapter by alpha / rank)."""
+
+    rank: int = 0
+    alpha: float | None = None
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def describe(self) -> str:
+        if self.rank == 0:
+            return "full fine-tuning"
+        return f"LoRA rank {self.rank}, alpha {self.alpha or self.rank:g} on {','.join(self.targets)} (merged)"
+
+
+def trainable_unet(unet: UNet2DModel, lora: LoraSettings) -> torch.nn.Module:
+    """The UNet itself for full fine-tuning (rank 0), else a peft LoraModel in which only the
     adapters require gradients. Adapters start at zero (peft's default), so step 0 is the base model."""
-    if lora_rank < 0:
-        raise UserError(f"LoRA rank must be >= 0 (0 = full fine-tuning), got {lora_rank}")
-    if lora_rank == 0:
+    if lora.rank < 0:
+        raise UserError(f"LoRA rank must be >= 0 (0 = full fine-tuning), got {lora.rank}")
+    if lora.rank == 0:
         return unet.requires_grad_(True)
     module_names = [name for name, _ in unet.named_modules()]
-    targets = [t for t in LORA_TARGETS if any(name == t or name.endswith("." + t) for name in module_names)]
+    targets = [t for t in lora.targets if any(name == t or name.endswith("." + t) for name in module_names)]
     if not targets:
-        raise UserError(f"this UNet has none of the LoRA target layers {LORA_TARGETS}; use --lora-rank 0")
-    config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets)
+        raise UserError(f"this UNet has none of the LoRA target layers {','.join(lora.targets)}; "
+                        "name others with --lora-targets or use --lora-rank 0")
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha or lora.rank, target_modules=targets)
     return LoraModel(unet, config, ADAPTER_NAME)
 
 
@@ -108,19 +127,27 @@ def load_base_scheduler(denoiser_dir: str | Path) -> DDPMScheduler:
     return DDPMScheduler.from_pretrained(denoiser_dir, subfolder=subfolder)
 
 
-def export_denoiser(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+def export_denoiser(checkpoint_dir: str | Path, out_dir: str | Path, run: dict[str, str]) -> Path:
     """Write the checkpoint's denoiser as UNet2DModel + DDPMScheduler save_pretrained into `out_dir`,
-    loadable by `load_denoiser` (and so by `jobs/certify.py --denoiser`)."""
+    loadable by `load_denoiser` (and so by `jobs/certify*.py --denoiser`), with finetune.json naming the
+    base checkpoint and the run (`run`: its name and storage_path), which certification reports."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     progress = read_progress(checkpoint_dir)
     settings = progress["settings"]
-    base = load_denoiser(settings["denoiser_dir"])
-    model = trainable_unet(base.unet, settings["lora_rank"])
+    base_location = settings["model_spec"]["denoiser"]
+    lora = LoraSettings(**{**settings["lora"], "targets": tuple(settings["lora"]["targets"])})
+    with tempfile.TemporaryDirectory(prefix="mdds-export-") as scratch:
+        base_dir = local_copy(base_location, scratch)
+        base = load_denoiser(base_dir)
+        scheduler = load_base_scheduler(base_dir)
+    model = trainable_unet(base.unet, lora)
     load_checkpoint(checkpoint_dir, model)
     unet = merged_unet(model).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir, safe_serialization=True)
-    load_base_scheduler(settings["denoiser_dir"]).save_pretrained(out_dir)
+    scheduler.save_pretrained(out_dir)
     write_timestep_scale(out_dir, base.timestep_scale)  # the network still expects the base model's timesteps
-    (out_dir / "finetune.json").write_text(json.dumps(progress, indent=2))
+    record = {"base_denoiser": base_location, "run": run["name"], "storage_path": run["storage_path"],
+              "trainable": lora.describe(), **progress}
+    (out_dir / FINETUNE_RECORD_FILE).write_text(json.dumps(record, indent=2))
     return out_dir

@@ -31,6 +31,8 @@ DenoiserFit = Literal["pad", "native", "resize"]
 DENOISER_FITS: tuple[str, ...] = ("pad", "native", "resize")
 # What diffusers' configs cannot say: the network was trained on rescaled timesteps (see load_denoiser).
 TIMESTEP_SCALE_FILE = "timestep_scale.json"
+# Written by the fine-tuning export (pipeline/finetune/weights.py): which base model and run made this one.
+FINETUNE_RECORD_FILE = "finetune.json"
 
 
 class OneShotDenoiser(torch.nn.Module):
@@ -60,6 +62,7 @@ class OneShotDenoiser(torch.nn.Module):
         self.sample_size = (size, size) if isinstance(size, int) else tuple(size)
         # UNet2DModel halves the resolution after every level but the last.
         self.downsampling = 2 ** (len(unet.config.block_out_channels) - 1)
+        self.provenance: str | None = None  # "fine-tuned from BASE by run NAME (...)", for the report header
 
     def timestep_for_sigma(self, sigma: float) -> int:
         """t* = the first t with sqrt(ᾱ_t) <= 1/sqrt(1 + (2·sigma)²) (method.md §2 step 2)."""
@@ -218,7 +221,23 @@ def load_denoiser(path: str | Path, fit: DenoiserFit = "pad") -> OneShotDenoiser
         raise UserError(f"denoiser {path} has {in_channels} input and {out_channels} output channels; expected "
                         f"{in_channels} (epsilon/x0/v) or {2 * in_channels} (with learned variance)")
     check_finite(unet, f"denoiser {path}")
-    return denoiser_from_parts(unet.eval(), scheduler, fit, read_timestep_scale(scheduler_dir))
+    denoiser = denoiser_from_parts(unet.eval(), scheduler, fit, read_timestep_scale(scheduler_dir))
+    denoiser.provenance = read_provenance(path)
+    return denoiser
+
+
+def read_provenance(directory: Path) -> str | None:
+    """One line naming the base checkpoint and the fine-tuning run of an exported denoiser, None for a
+    denoiser that was not fine-tuned here: a report must say which model its certificates are about."""
+    path = directory / FINETUNE_RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return (f"fine-tuned from {record['base_denoiser']} by run {record['run']} ({record['step']} steps, "
+                f"{record['trainable']}; checkpoints in {record['storage_path']})")
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{path} is not a fine-tuning record: {error}") from None
 
 
 def check_finite(module: torch.nn.Module, what: str) -> None:

@@ -95,7 +95,8 @@ def model_notes(denoiser: OneShotDenoiser, classifier: torch.nn.Module, size: tu
         resize = classifier.describe_resize(size)
     else:
         resize = "inside the TorchScript classifier"
-    return f"denoiser fit: {denoiser.describe_fit(size)}", f"classifier interpolation: {resize}"
+    lines = (f"denoiser fit: {denoiser.describe_fit(size)}", f"classifier interpolation: {resize}")
+    return lines if denoiser.provenance is None else (f"denoiser {denoiser.provenance}", *lines)
 
 
 def local_copy(location: str, scratch: str) -> str:

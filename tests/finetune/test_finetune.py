@@ -3,9 +3,9 @@ tiny UNet and classifier (two CPU workers, checkpoint, resume with optimizer sta
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +27,10 @@ from pipeline.finetune.loss import (
     recoverable_mask,
 )
 from pipeline.finetune.weights import (
+    LORA_TARGETS,
     OPTIMIZER_FILE,
     WEIGHTS_FILE,
+    LoraSettings,
     export_denoiser,
     load_checkpoint,
     save_checkpoint,
@@ -187,20 +189,23 @@ def test_diffusion_loss_reaches_the_unet_with_the_denoisers_fit(fit: str, paddin
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_job_passes_the_denoiser_fit_on_and_resume_keeps_it(tmp_path):
-    from dataclasses import asdict
+def test_resume_keeps_the_runs_denoiser_fit_and_refuses_another(tmp_path):
+    from pipeline.app import finetune as driver
 
-    job = load_job()
-    args = job.build_parser().parse_args(["--out", str(tmp_path), "--denoiser-fit", "native"])
-    flags, _ = job._resolve_flags(args, tmp_path)
-    settings = job._settings(flags, job._loss_settings(flags), "denoiser", "digits", "classifier", 10, 100)
-    assert settings.denoiser_fit == "native"
-    (tmp_path / job.RUN_RECORD).write_text(json.dumps({"settings": asdict(settings), "probe_images": 64}))
-    resumed = job.build_parser().parse_args(["--out", str(tmp_path), "--resume"])
-    assert job._resolve_flags(resumed, tmp_path)[0]["denoiser_fit"] == "native"
-    changed = job.build_parser().parse_args(["--out", str(tmp_path), "--resume", "--denoiser-fit", "pad"])
+    parser = driver.build_parser("fine-tune")
+    flags, record = driver.resolve_flags(parser.parse_args(["--out", str(tmp_path), "--denoiser-fit", "native"]),
+                                         tmp_path)
+    assert flags["denoiser_fit"] == "native" and record is None
+    (tmp_path / driver.RUN_RECORD).write_text(json.dumps({"preset": "digits", "flags": flags}))
+    resumed, _ = driver.resolve_flags(parser.parse_args(["--out", str(tmp_path), "--resume", "--epochs", "12"]),
+                                      tmp_path)
+    assert resumed == {**flags, "epochs": 12}
+    changed = parser.parse_args(["--out", str(tmp_path), "--resume", "--denoiser-fit", "pad"])
     with pytest.raises(UserError, match="--denoiser-fit pad differs from the run's native"):
-        job._resolve_flags(changed, tmp_path)
+        driver.resolve_flags(changed, tmp_path)
+    other_preset = parser.parse_args(["--out", str(tmp_path), "--resume", "--preset", "cifar10"])
+    with pytest.raises(UserError, match="is preset digits, not cifar10"):
+        driver.resolve_flags(other_preset, tmp_path)
 
 
 def test_classification_terms_train_the_denoiser_only():
@@ -231,7 +236,7 @@ def test_settings_refuse_single_denoising():
 
 def test_lora_checkpoint_exports_a_merged_denoiser_with_the_same_outputs(tiny_models, tmp_path):
     denoiser_dir, _ = tiny_models
-    model = trainable_unet(load_denoiser(denoiser_dir).unet, lora_rank=2)
+    model = trainable_unet(load_denoiser(denoiser_dir).unet, LoraSettings(rank=2))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
     with torch.no_grad():
@@ -240,11 +245,14 @@ def test_lora_checkpoint_exports_a_merged_denoiser_with_the_same_outputs(tiny_mo
     optimizer = torch.optim.AdamW(trainable)
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
-    settings = {"denoiser_dir": str(denoiser_dir), "lora_rank": 2}
+    settings = {"model_spec": {"denoiser": str(denoiser_dir)}, "lora": asdict(LoraSettings(rank=2))}
     save_checkpoint(checkpoint, model, optimizer, {"settings": settings, "epoch": 1, "step": 3, "history": []})
     assert all("lora_" in key for key in load_file(str(checkpoint / WEIGHTS_FILE)))
 
-    exported = load_denoiser(export_denoiser(checkpoint, tmp_path / "export"))
+    run = {"name": "finetune-test", "storage_path": str(tmp_path / "storage")}
+    exported = load_denoiser(export_denoiser(checkpoint, tmp_path / "export", run))
+    assert exported.provenance == (f"fine-tuned from {denoiser_dir} by run finetune-test (3 steps, LoRA rank 2, "
+                                   f"alpha 2 on {','.join(LORA_TARGETS)} (merged); checkpoints in {tmp_path / 'storage'})")
     reference = denoiser_from_parts(model, tiny_scheduler())
     noisy = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     timesteps = torch.tensor([10, 100, 200, 300])
@@ -257,13 +265,6 @@ def test_lora_checkpoint_exports_a_merged_denoiser_with_the_same_outputs(tiny_mo
 # ---------------------------------------------------------------- the job, end to end
 
 
-def load_job():
-    spec = importlib.util.spec_from_file_location("finetune_diffusion_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def latest_checkpoint(storage: Path) -> Path:
     checkpoints = [path.parent for path in storage.rglob("training.json")]
     return max(checkpoints, key=lambda path: json.loads((path / "training.json").read_text())["step"])
@@ -271,12 +272,13 @@ def latest_checkpoint(storage: Path) -> Path:
 
 @pytest.mark.slow  # two Ray Train runs: ~45 s each on 2 idle cores, mostly worker start-up
 def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray_session, tiny_models, tmp_path):
-    job = load_job()
+    from pipeline.app import finetune as job
+
     denoiser_dir, classifier_path = tiny_models
     out = tmp_path / "out"
     common = ["--out", str(out), "--num-workers", "2", "--batch-size", "64", "--probe-images", "8",
               "--probe-samples", "4", "--lr", "1e-3"]
-    parser = job.build_parser()
+    parser = job.build_parser("fine-tune")
     job.finetune(parser.parse_args(common + ["--epochs", "1", "--denoiser", str(denoiser_dir),
                                              "--classifier", str(classifier_path)]))
 
@@ -313,7 +315,7 @@ def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray
     with torch.no_grad():
         assert torch.equal(exported(noisy, timesteps), reference(noisy, timesteps))
         assert not torch.allclose(exported(noisy, timesteps), base(noisy, timesteps), atol=1e-4)
-    check = trainable_unet(load_denoiser(denoiser_dir).unet, 0)
+    check = trainable_unet(load_denoiser(denoiser_dir).unet, LoraSettings())
     load_checkpoint(last, check)  # the checkpoint also loads through the resume path
     assert all(torch.equal(a, b) for a, b in zip(check.state_dict().values(), reference_unet.state_dict().values()))
 
