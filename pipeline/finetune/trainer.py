@@ -20,6 +20,16 @@ def cluster_has_gpus() -> bool:
     return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
 
 
+def worker_resources(num_workers: int, use_gpu: bool) -> dict[str, float]:
+    """One GPU (and a CPU) per GPU worker. CPU workers share what is left after one CPU for Ray Data's
+    read and decode tasks: with every CPU held by a worker those tasks never start and training waits
+    on its first batch forever (2 workers on a 2-core machine)."""
+    if use_gpu:
+        return {"CPU": 1.0, "GPU": 1.0}
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return {"CPU": min(1.0, max(cpus - 1.0, 0.5) / num_workers)}
+
+
 def run_config(storage_path: str, name: str) -> ray.train.RunConfig:
     """Checkpoints under storage_path/name. A URL goes through its fsspec filesystem (any scheme fsspec
     knows: s3://, gs://, abfs://, file://), so Ray Train needs no storage support of its own for it."""
@@ -44,7 +54,8 @@ def fit(settings: FinetuneSettings, probe: ProbeSet, dataset: ray.data.Dataset, 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings, "probe": probe},
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=worker_resources(num_workers, use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=run_config(storage_path, name),
         datasets={"train": dataset},  # Ray Train gives every worker its own equal shard
