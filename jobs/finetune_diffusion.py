@@ -28,7 +28,7 @@ def main() -> None:
     args = build_parser(__doc__.strip()).parse_args()
     denoiser_out = finetune(args)
     script = "certify_imagenet.py" if args.preset == "imagenet" else "certify.py"
-    print(f"fine-tuned denoiser: {denoiser_out}")
+    print(f"fine-tuned denoiser: {denoiser_out}" + (f" (copied to {args.export_to})" if args.export_to else ""))
     print(f"certify with it:     python jobs/{script} --preset {args.preset} --denoiser {denoiser_out} ...")
 
 

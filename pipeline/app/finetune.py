@@ -99,6 +99,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--storage-path", default=None,
                         help="Ray Train checkpoint storage: a local path or any fsspec URL (s3://, gs://, "
                              "abfs://) every worker can write; default OUT/ray_results")
+    parser.add_argument("--export-to", default=None,
+                        help="also copy the exported denoiser to this fsspec URL (s3://, gs://), where a "
+                             "cluster's certification actors can read it; OUT itself is on the driver's node")
     parser.add_argument("--num-workers", type=int, default=2,
                         help="data-parallel workers, each on its own shard of the data, one GPU each with "
                              "GPUs (default 2)")
@@ -259,6 +262,7 @@ def finetune(args: argparse.Namespace) -> Path:
                  lambda_cls=flags["lambda_cls"], eta_anti=flags["eta_anti"],
                  recoverable_loss=flags["recoverable_loss"])  # validates the objective before anything starts
     storage = storage_path(args.storage_path, out, record)
+    export = export_target(args.export_to)
     train, probe = load_workloads(args.preset, flags)  # models checked before Ray starts and before --out is touched
     prepare_out_dir(str(out), args.overwrite, args.resume)
 
@@ -283,4 +287,19 @@ def finetune(args: argparse.Namespace) -> Path:
         denoiser_out = export_denoiser(checkpoint_dir, out / DENOISER_SUBDIR, record)
     history = json.loads((denoiser_out / "finetune.json").read_text())["history"]
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
+    if export is not None:
+        fs, path = export
+        fs.put(str(denoiser_out) + "/", path.rstrip("/") + "/", recursive=True)
     return denoiser_out
+
+
+def export_target(url: str | None) -> tuple[Any, str] | None:
+    """The filesystem and path of --export-to, opened before training so a bad URL costs nothing."""
+    if url is None:
+        return None
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:  # unknown scheme, or its backend (s3fs, gcsfs) not installed
+        raise UserError(f"--export-to: cannot open {url}: {error}") from error

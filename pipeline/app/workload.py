@@ -11,7 +11,7 @@ import numpy as np
 from pipeline.data.decode import PREPROCESSING
 from pipeline.errors import UserError
 from pipeline.models.classifier import Interpolation
-from pipeline.models.denoiser import DenoiserFit
+from pipeline.models.denoiser import DenoiserFit, load_denoiser
 from pipeline.models.spec import ModelSpec
 from pipeline.app.presets import Preset
 from pipeline.distributed.run import DatasetFor
@@ -76,6 +76,8 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
 
     if models.classifier_interpolation is not None:
         raise UserError("--classifier-interpolation: the digits classifier runs at the data's size (no resize)")
+    if models.denoiser:  # a bad --denoiser fails before the cached models are trained on first use
+        load_denoiser(models.denoiser, models.denoiser_fit)
     split = load_digits_split()
     images, labels = ((split.train_images, split.train_labels) if data.split == "train"
                       else (split.test_images, split.test_labels))

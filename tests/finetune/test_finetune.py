@@ -320,11 +320,38 @@ def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray
     assert all(torch.equal(a, b) for a, b in zip(check.state_dict().values(), reference_unet.state_dict().values()))
 
 
-def test_job_bad_flag_is_one_line_exit_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(JOB), "--out", str(tmp_path / "o"), "--num-denoisings", "1"],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()  # refused before touching --out
+def rgb_denoiser(folder: Path) -> Path:
+    """A 3-channel UNet: loads fine, but cannot denoise the gray digits."""
+    UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4, add_attention=False).save_pretrained(folder)
+    tiny_scheduler().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["objective", "missing data", "missing denoiser", "mismatched denoiser",
+                                  "missing classifier weights"])
+def test_job_bad_input_is_one_line_exit_2_before_out_is_touched(case, tmp_path, tiny_models):
+    """Refused in the driver, before Ray starts or --out is created."""
+    denoiser, classifier = tiny_models
+    from tests.jobs.test_imagenet_job import make_imagenet_tree, make_diffusers_denoiser
+
+    imagenet = ["--preset", "imagenet", "--data", str(make_imagenet_tree(tmp_path / "train")), "--denoiser-fit",
+                "resize", "--denoiser", str(make_diffusers_denoiser(tmp_path / "ddpm")), "--classifier", "test_vit"]
+    flags, expected = {
+        "objective": (["--num-denoisings", "1"], "at least 2"),
+        "missing data": (["--preset", "cifar10", "--denoiser", str(denoiser), "--classifier", "x.pt"],
+                         "preset cifar10 needs --data"),
+        "missing denoiser": (["--denoiser", str(tmp_path / "absent"), "--classifier", str(classifier)],
+                             "denoiser directory not found"),
+        "mismatched denoiser": (["--denoiser", str(rgb_denoiser(tmp_path / "rgb")), "--classifier", str(classifier)],
+                                "takes 3-channel images"),
+        "missing classifier weights": ([*imagenet, "--classifier-weights", str(tmp_path / "absent.safetensors")],
+                                       f"weights file not found: {tmp_path / 'absent.safetensors'}"),
+    }[case]
+    result = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path / "o"), *flags],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert expected in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()

@@ -39,7 +39,7 @@ def optimizer_steps(checkpoint: Path) -> set[float]:
 
 
 def test_imagenet_preset_lora_on_converted_adm_checkpoints_mid_epoch_resumes_and_certifies(
-    ray_session, job_env, guided_denoiser, timm_weights, tmp_path
+    ray_session, job_env, guided_denoiser, timm_weights, tmp_path  # noqa: F811  (the imported fixtures)
 ):
     # 6 images: 2 held out for the probe, 4 trained on; --denoiser-fit resize keeps the 32x32 UNet at 32
     # (cheap on a CPU; the fits themselves are checked in tests/models/test_denoiser_fit.py)
