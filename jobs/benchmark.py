@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = parser.add_argument_group("GPU")
     gpu.add_argument("--gpu-check", action="store_true",
                      help="only time an ImageNet-size guided-diffusion UNet + timm classifier (random weights)")
+    gpu.add_argument("--finetune-memory", action="store_true",
+                     help="with --gpu-check: also the peak memory of ImageNet fine-tuning steps (ADM-256 layout, "
+                          "LoRA rank 16, batch --finetune-batch, gradient checkpointing, bf16)")
+    gpu.add_argument("--finetune-batch", type=int, default=8, help="images per step for --finetune-memory (default 8)")
     gpu.add_argument("--tiny", action="store_true", help="--gpu-check with a 32x32 UNet (runs on CPU)")
     gpu.add_argument("--gpu-classifier", default="resnet50", help="timm classifier for --gpu-check")
     gpu.add_argument("--compile", action="store_true",
@@ -303,6 +307,12 @@ def markdown(report: dict) -> str:
     lines = ["| measurement | measured | target |", "|---|---|---|"]
     if "gpu_check" in report:
         lines += _gpu_rows(report["gpu_check"])
+    if "finetune_memory" in report:
+        memory = report["finetune_memory"]
+        peak = "n/a (CPU)" if memory["peak_memory_gib"] is None else f"{memory['peak_memory_gib']:.1f} GiB"
+        lines.append(f"| fine-tuning step, {memory['denoiser']}, LoRA rank {memory['lora_rank']}, batch "
+                     f"{memory['batch_size']}, {memory['precision']}: peak memory; s/step | {peak}; "
+                     f"{memory['seconds_per_step_after_first']:.2f} | fits 80 GB |")
     if "main_job" in report:
         lines += _main_job_rows(report["main_job"])
     if "fused_vs_reference" in report:
@@ -356,6 +366,12 @@ def main() -> None:
                                         timed_batches=2 if args.quick else 4)
             report = {"machine": machine_info(device), "settings": vars(args),
                       "gpu_check": run_gpu_check(settings, device)}
+            if args.finetune_memory:
+                from pipeline.perf.gpu_check import FinetuneMemorySettings, run_finetune_memory_check
+
+                report["finetune_memory"] = run_finetune_memory_check(
+                    FinetuneMemorySettings(classifier=args.gpu_classifier, tiny=args.tiny,
+                                           batch_size=args.finetune_batch), device)
         else:
             report = run_benchmark(args, device, Path(tmp))
     (out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))

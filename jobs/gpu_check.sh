@@ -10,5 +10,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu_check}"
 PYTHON="${PYTHON:-python}"
-"$PYTHON" jobs/benchmark.py --gpu-check --device cuda --out "$OUT/eager" "$@"
+"$PYTHON" jobs/benchmark.py --gpu-check --finetune-memory --device cuda --out "$OUT/eager" "$@"
 "$PYTHON" jobs/benchmark.py --gpu-check --device cuda --compile --out "$OUT/compiled" "$@"

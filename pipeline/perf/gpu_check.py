@@ -121,3 +121,66 @@ def run_gpu_check(settings: GpuCheckSettings, device: torch.device) -> dict:
         "setup_and_warmup_s": warm - started,
         **utilization(per_sample_flops, total / elapsed, peak),
     }
+
+
+@dataclass(frozen=True)
+class FinetuneMemorySettings:
+    """The ImageNet fine-tuning defaults (pipeline/app/finetune.py): LoRA rank 16, batch 8 per GPU,
+    M = 2 denoisings, gradient checkpointing, bf16 autocast with the classifier in bf16."""
+
+    classifier: str = "resnet50"
+    tiny: bool = False
+    batch_size: int = 8
+    lora_rank: int = 16
+    gradient_checkpointing: bool = True
+    steps: int = 3
+
+
+def run_finetune_memory_check(settings: FinetuneMemorySettings, device: torch.device) -> dict:
+    """Peak GPU memory and time of fine-tuning steps on the ADM-256 layout: what --batch-size the
+    ImageNet preset can afford on this GPU (on CPU the same code runs, with no memory figure)."""
+    from pipeline.finetune.loss import LossSettings, cascade_finetune_loss
+    from pipeline.finetune.train_loop import autocast, frozen
+    from pipeline.finetune.weights import LoraSettings, trainable_unet
+
+    unet_config = TINY_UNET if settings.tiny else PRESETS["imagenet256-uncond"]
+    denoiser = guided_denoiser(unet_config, device)
+    if settings.gradient_checkpointing:
+        denoiser.unet.enable_gradient_checkpointing()
+    denoiser.unet = trainable_unet(denoiser.unet, LoraSettings(settings.lora_rank)).train()
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    classifier = frozen(timm_classifier("resnet10t" if settings.tiny else settings.classifier,
+                                        32 if settings.tiny else 224, device))
+    if precision == "bf16":
+        classifier = classifier.to(torch.bfloat16)
+    parameters = [p for p in denoiser.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    size = unet_config.image_size
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.rand(settings.batch_size, 3, size, size, generator=generator, device=device)
+    labels = torch.randint(0, 1000, (settings.batch_size,), generator=generator, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(settings.steps):
+        started = time.perf_counter()
+        with autocast(device, precision):
+            terms = cascade_finetune_loss(denoiser, classifier, images, labels, LossSettings(), generator)
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "denoiser": "guided-diffusion 32x32 tiny" if settings.tiny else "guided-diffusion 256x256 uncond layout",
+        "classifier": "resnet10t@32" if settings.tiny else f"{settings.classifier}@224",
+        "batch_size": settings.batch_size, "lora_rank": settings.lora_rank, "precision": precision,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "trainable_parameters": sum(p.numel() for p in parameters),
+        "peak_memory_gib": None if peak is None else peak / 2**30,
+        "seconds_per_step_after_first": float(np.mean(times[1:])) if len(times) > 1 else times[0],
+        "loss": float(terms.total.detach()),
+    }

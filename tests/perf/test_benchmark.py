@@ -197,6 +197,25 @@ def test_peak_table_and_override() -> None:
     assert peak_bf16_flops("NVIDIA L4", override_tflops=100.0) == 100e12
 
 
+def test_finetune_memory_check_trains_only_the_adapters_on_its_cpu_path(one_thread) -> None:
+    """The ImageNet fine-tuning defaults' code path (LoRA, gradient checkpointing) on a tiny UNet; the
+    memory figure itself needs a GPU (jobs/gpu_check.sh)."""
+    from pipeline.perf.gpu_check import FinetuneMemorySettings, run_finetune_memory_check
+
+    result = run_finetune_memory_check(FinetuneMemorySettings(tiny=True, batch_size=2, lora_rank=2, steps=2),
+                                       torch.device("cpu"))
+    assert result["peak_memory_gib"] is None and result["precision"] == "fp32"
+    full = sum(p.numel() for p in gpu_check_tiny_unet().parameters())
+    assert 0 < result["trainable_parameters"] < full / 10  # adapters only
+    assert np.isfinite(result["loss"]) and result["seconds_per_step_after_first"] > 0
+
+
+def gpu_check_tiny_unet() -> torch.nn.Module:
+    from pipeline.perf.gpu_check import TINY_UNET, guided_denoiser
+
+    return guided_denoiser(TINY_UNET, torch.device("cpu")).unet
+
+
 def test_gpu_check_runs_its_cpu_path_with_a_tiny_unet(one_thread) -> None:
     from pipeline.perf.gpu_check import GpuCheckSettings, run_gpu_check
 
