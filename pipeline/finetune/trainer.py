@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.errors import UserError
-from pipeline.finetune.train_loop import FinetuneSettings, ProbeSet, train_loop_per_worker
+from pipeline.finetune.train_loop import FAIL_ONCE_ENV, FinetuneSettings, ProbeSet, train_loop_per_worker
 
 CHECKPOINTS_KEPT = 2
+RESTARTS = 3
+"""A worker group that loses a worker (a preempted spot node) restarts from the latest checkpoint this many
+times within the run; past that the run fails and `--resume` continues it."""
 
 
 def cluster_has_gpus() -> bool:
@@ -45,7 +50,8 @@ def run_config(storage_path: str, name: str) -> ray.train.RunConfig:
             raise UserError(f"--storage-path: cannot open {storage_path}: {error}") from error
         storage_filesystem = pyarrow_filesystem(fs)
     return ray.train.RunConfig(storage_path=storage_path, storage_filesystem=storage_filesystem, name=name,
-                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
+                               checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                               failure_config=ray.train.FailureConfig(max_failures=RESTARTS))
 
 
 def fit(settings: FinetuneSettings, probe: ProbeSet, dataset: ray.data.Dataset, num_workers: int, use_gpu: bool,
@@ -53,7 +59,7 @@ def fit(settings: FinetuneSettings, probe: ProbeSet, dataset: ray.data.Dataset, 
     """Train; a run whose storage already holds checkpoints of `name` continues from the latest one."""
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings, "probe": probe},
+        train_loop_config={"settings": settings, "probe": probe, "fail_once_marker": os.environ.get(FAIL_ONCE_ENV)},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(num_workers, use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

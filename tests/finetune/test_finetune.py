@@ -320,6 +320,32 @@ def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray
     assert all(torch.equal(a, b) for a, b in zip(check.state_dict().values(), reference_unet.state_dict().values()))
 
 
+@pytest.mark.slow  # one Ray Train run with a restart: ~60 s on 2 idle cores
+def test_a_worker_lost_mid_epoch_restarts_from_the_checkpoint_without_extra_steps(
+    ray_session, tiny_models, tmp_path, monkeypatch
+):
+    """A preempted worker: the group restarts from the mid-epoch checkpoint, skips the batches the lost
+    pass had trained on, and ends on exactly one epoch's steps, optimizer state included."""
+    from pipeline.app import finetune as job
+    from pipeline.finetune.train_loop import FAIL_ONCE_ENV
+
+    denoiser_dir, classifier_path = tiny_models
+    marker, out = tmp_path / "worker-died", tmp_path / "out"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+    job.finetune(job.build_parser("fine-tune").parse_args([
+        "--out", str(out), "--num-workers", "2", "--batch-size", "64", "--probe-images", "8", "--probe-samples", "4",
+        "--epochs", "1", "--checkpoint-every", "3", "--denoiser", str(denoiser_dir), "--classifier",
+        str(classifier_path)]))
+    assert marker.exists(), "the injected failure never fired"
+    last = latest_checkpoint(Path(json.loads((out / "run.json").read_text())["storage_path"]))
+    progress = json.loads((last / "training.json").read_text())
+    steps_per_epoch = (progress["settings"]["train_rows"] // 2) // 64
+    assert steps_per_epoch > 3 and (progress["epoch"], progress["step"], progress["epoch_step"]) == (1, steps_per_epoch, 0)
+    adam_steps = {float(s["step"]) for s in torch.load(last / OPTIMIZER_FILE, weights_only=True)["state"].values()}
+    assert adam_steps == {float(steps_per_epoch)}
+    assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1]
+
+
 def rgb_denoiser(folder: Path) -> Path:
     """A 3-channel UNet: loads fine, but cannot denoise the gray digits."""
     UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
