@@ -81,8 +81,11 @@ def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0, setti
     """Start the job in its own process group and SIGKILL all of it (driver and local Ray) as soon as
     its first counts shard exists."""
     with log.open("wb") as output:
+        # its own local Ray (so that the kill takes all of it); on a busy machine raylet registration can
+        # take longer than Ray's default wait
+        env = dict(os.environ, RAY_raylet_start_wait_time_s="120")
         job = subprocess.Popen([sys.executable, "jobs/certify.py", *settings, "--out", str(out)], cwd=REPO_ROOT,
-                               stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     try:
         while not list((out / "counts").glob("part-*.parquet")):
