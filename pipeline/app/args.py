@@ -116,10 +116,9 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
 
 
 
-def add_model_arguments(group: argparse._ArgumentGroup) -> None:
+def add_model_arguments(data: argparse._ArgumentGroup) -> None:
     """The preprocessing and model flags, shared by certification and fine-tuning so that a denoiser is
     fine-tuned on exactly the inputs it will certify (same loaders, fit and classifier resize)."""
-    data = group
     data.add_argument("--preprocess", choices=tuple(PREPROCESSING), metavar="|".join(PREPROCESSING),
                       help="image files (imagenet preset) to the certified 224x224 input: "
                       + "; ".join(p.describe() for p in PREPROCESSING.values())

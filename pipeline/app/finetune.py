@@ -216,7 +216,15 @@ def split_probe(train: Workload, probe: Workload | None, probe_images: int,
     return train.dataset_for(ids, blocks), len(ids), probe_set
 
 
-def settings_from(flags: dict[str, Any], train: Workload, train_rows: int, gpu: bool) -> FinetuneSettings:
+def loss_settings(flags: dict[str, Any]) -> LossSettings:
+    """The objective; constructing it validates it (M >= 2, known loss), before anything starts."""
+    return LossSettings(sigmas=tuple(flags["sigmas"]), num_denoisings=flags["num_denoisings"],
+                        lambda_cls=flags["lambda_cls"], eta_anti=flags["eta_anti"],
+                        recoverable_loss=flags["recoverable_loss"])
+
+
+def settings_from(flags: dict[str, Any], loss: LossSettings, train: Workload, train_rows: int,
+                  gpu: bool) -> FinetuneSettings:
     precision = flags["precision"] if flags["precision"] != "auto" else ("bf16" if gpu else "fp32")
     checkpointing = flags["gradient_checkpointing"]
     targets = tuple(t.strip() for t in flags["lora_targets"].split(",") if t.strip())
@@ -224,9 +232,7 @@ def settings_from(flags: dict[str, Any], train: Workload, train_rows: int, gpu: 
         raise UserError("--lora-targets is empty")
     return FinetuneSettings(
         model_spec=train.model_spec,
-        loss=LossSettings(sigmas=tuple(flags["sigmas"]), num_denoisings=flags["num_denoisings"],
-                          lambda_cls=flags["lambda_cls"], eta_anti=flags["eta_anti"],
-                          recoverable_loss=flags["recoverable_loss"]),
+        loss=loss,
         lora=LoraSettings(flags["lora_rank"], flags["lora_alpha"], targets),
         epochs=flags["epochs"], batch_size=flags["batch_size"], learning_rate=flags["lr"], seed=flags["seed"],
         probe_samples=flags["probe_samples"], train_rows=train_rows, checkpoint_every=flags["checkpoint_every"],
@@ -258,9 +264,7 @@ def finetune(args: argparse.Namespace) -> Path:
     out = Path(out_text).resolve()
     flags, record = resolve_flags(args, out)
     check_ranges(flags, args.num_workers)
-    LossSettings(sigmas=tuple(flags["sigmas"]), num_denoisings=flags["num_denoisings"],
-                 lambda_cls=flags["lambda_cls"], eta_anti=flags["eta_anti"],
-                 recoverable_loss=flags["recoverable_loss"])  # validates the objective before anything starts
+    loss = loss_settings(flags)
     storage = storage_path(args.storage_path, out, record)
     export = export_target(args.export_to)
     train, probe = load_workloads(args.preset, flags)  # models checked before Ray starts and before --out is touched
@@ -269,7 +273,7 @@ def finetune(args: argparse.Namespace) -> Path:
     init_ray()
     gpu = use_gpu(args.device)
     dataset, train_rows, probe_set = split_probe(train, probe, flags["probe_images"], args.num_workers)
-    settings = settings_from(flags, train, train_rows, gpu)
+    settings = settings_from(flags, loss, train, train_rows, gpu)
     record = {
         "preset": args.preset,
         "storage_path": storage,

@@ -58,13 +58,6 @@ class FinetuneSettings:
     precision: Precision = "fp32"
     gradient_checkpointing: bool = False
 
-    @classmethod
-    def from_json(cls, record: dict[str, Any]) -> "FinetuneSettings":
-        loss = dict(record["loss"], sigmas=tuple(record["loss"]["sigmas"]))
-        lora = dict(record["lora"], targets=tuple(record["lora"]["targets"]))
-        return cls(**dict(record, model_spec=ModelSpec(**record["model_spec"]), loss=LossSettings(**loss),
-                          lora=LoraSettings(**lora)))
-
     def steps_per_epoch(self, world: int) -> int:
         """Optimizer steps per epoch: Ray Train splits the rows equally, every worker drops its last
         partial batch, so every worker takes the same steps (each report is a barrier)."""

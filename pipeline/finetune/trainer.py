@@ -69,9 +69,10 @@ def fit(settings: FinetuneSettings, probe: ProbeSet, dataset: ray.data.Dataset, 
     try:
         return trainer.fit()
     except ray.train.WorkerGroupError as error:
-        # A worker's UserError (e.g. a checkpoint that does not fit) is still one line for the user.
+        # A worker's UserError (e.g. a checkpoint that does not fit) is still one line for the user:
+        # re-raised as itself, run_main prints it.
         for failure in error.worker_failures.values():
-            cause = getattr(failure, "cause", None)
-            if isinstance(failure, UserError) or isinstance(cause, UserError):
-                raise UserError(str(cause if isinstance(cause, UserError) else failure).splitlines()[0]) from error
+            cause = failure if isinstance(failure, UserError) else getattr(failure, "cause", None)
+            if isinstance(cause, UserError):
+                raise cause from error
         raise
