@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from pipeline.errors import UserError
+from pipeline.store.atomic import read_parquet
 
 COUNTS_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -84,7 +84,7 @@ def read_counts_reporting(path: str | Path) -> tuple[pa.Table, list[str]]:
     tables, unreadable = [], []
     for file in files:
         try:
-            table = pads.dataset(str(file), format="parquet", partitioning=None).to_table()
+            table = read_parquet(str(file))  # synchronous: no scanner threads left at exit
         except (pa.ArrowInvalid, OSError) as error:
             if location.is_file():
                 raise UserError(f"cannot read counts Parquet under {path}: {str(error).splitlines()[0]}") from error
