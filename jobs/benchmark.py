@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ImageNet-size models: --gpu-check)")
     parser.add_argument("--out", default="outputs/benchmark", help="directory for benchmark.json / benchmark.md")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="arithmetic of every timed section, as certify's --precision (auto: bf16 on GPUs "
+                             "and on CPUs with native bf16)")
     parser.add_argument("--num-images", type=int, default=8, help="images for the throughput sections")
     parser.add_argument("--n", type=int, default=1000, help="estimation samples per image and scale")
     parser.add_argument("--n-select", type=int, help="selection samples (preset default)")
@@ -127,7 +130,7 @@ def digits_models(args: argparse.Namespace, workdir: Path):
         denoiser_dir = Path(args.denoiser) if args.denoiser else digits_denoiser_dir()
         classifier_dir = digits_classifier_dir()
         denoiser, classifier = load_denoiser(denoiser_dir), load_digits_classifier(classifier_dir)
-    spec = ModelSpec(str(denoiser_dir), "digits", str(classifier_dir), 10, in_chans=1)
+    spec = ModelSpec(str(denoiser_dir), "digits", str(classifier_dir), 10, in_chans=1, precision=args.precision)
     return denoiser, classifier, spec
 
 
@@ -143,7 +146,8 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
     split = load_digits_split()
     denoiser, classifier, spec = digits_models(args, workdir)
     batch_size = args.batch_size or preset.batch_size
-    fused = FusedDenoiseClassify(denoiser, classifier, preset.num_classes, device=device, batch_size=batch_size)
+    fused = FusedDenoiseClassify(denoiser, classifier, preset.num_classes, device=device, batch_size=batch_size,
+                                 precision=args.precision)
     count = max(args.num_images, args.adaptive_images if not args.skip_adaptive else 0)
     everything = benchmark.Workload(split.test_images[:count], np.arange(count), split.test_labels[:count],
                                     preset.sigmas, args.n_select or preset.n_select, args.n, preset.alpha,
@@ -347,6 +351,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    from pipeline.models.precision import resolve_precision
+
+    args.precision = resolve_precision(args.precision, device.type == "cuda")
     if args.gpu_check and device.type != "cuda" and not args.tiny:
         raise UserError("--gpu-check times ImageNet-size models and needs a GPU; add --tiny to run its code path on CPU")
     out = Path(args.out)

@@ -16,6 +16,7 @@ from pipeline.app.workload import DEFAULT_PREPROCESS, DataOptions, ModelOptions
 from pipeline.data.decode import PREPROCESSING
 from pipeline.models.classifier import INTERPOLATIONS
 from pipeline.models.denoiser import DENOISER_FITS
+from pipeline.models.precision import PRECISION_CHOICES, resolve_precision
 
 EPILOG = """\
 outputs (OUT):
@@ -112,6 +113,10 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
                      help="auto: one GPU per actor if this machine or the cluster has GPUs now (default); "
                           "cuda: always ask one GPU per actor, which makes an autoscaling cluster whose GPU "
                           "workers start at 0 launch them (give --num-actors too); cpu: no GPUs")
+    run.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                     help="arithmetic of the denoiser and classifier: bf16 autocast or exact fp32. auto "
+                          "(default): bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX, about 2x "
+                          "faster there), fp32 elsewhere. The counts depend on it: --resume keeps a run's own")
     return parser
 
 
@@ -187,7 +192,7 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
             preprocess=args.preprocess,
         ),
         models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights, args.denoiser_fit or "pad",
-                            args.classifier_interpolation),
+                            args.classifier_interpolation, resolve_precision(args.precision, gpu)),
         out=args.out or f"outputs/{preset.name}",
         overwrite=args.overwrite,
         resume=args.resume,

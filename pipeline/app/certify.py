@@ -46,7 +46,8 @@ def inputs_of(request: CertifyRequest) -> dict:
     models, data = request.models, request.data
     return {"data": data.data, "preprocess": data.preprocess, "denoiser": models.denoiser,
             "classifier": models.classifier, "classifier_weights": models.classifier_weights,
-            "denoiser_fit": models.denoiser_fit, "classifier_interpolation": models.classifier_interpolation}
+            "denoiser_fit": models.denoiser_fit, "classifier_interpolation": models.classifier_interpolation,
+            "precision": models.precision}
 
 
 def run_settings(sampling: SamplingConfig, user_alpha: float) -> dict:

@@ -12,6 +12,7 @@ from pipeline.data.decode import PREPROCESSING
 from pipeline.errors import UserError
 from pipeline.models.classifier import Interpolation
 from pipeline.models.denoiser import DenoiserFit, load_denoiser
+from pipeline.models.precision import Precision
 from pipeline.models.spec import ModelSpec
 from pipeline.app.presets import Preset
 from pipeline.distributed.run import DatasetFor
@@ -33,6 +34,7 @@ class ModelOptions:
     classifier_weights: str | None = None
     denoiser_fit: DenoiserFit = "pad"
     classifier_interpolation: Interpolation | None = None  # None: the classifier's own config
+    precision: Precision | None = None  # the actors' arithmetic (certify resolves --precision); None: kernel default
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
     kind, classifier_location = (("torchscript", models.classifier) if models.classifier
                                  else ("digits", str(digits_classifier_dir())))
     spec = ModelSpec(denoiser_dir, kind, classifier_location, preset.num_classes, in_chans=1,
-                     denoiser_fit=models.denoiser_fit)
+                     denoiser_fit=models.denoiser_fit, precision=models.precision)
     image_shape = tuple(images.shape[1:])
     model_lines = spec.check(image_shape)  # fails fast, in the driver, on a bad --denoiser, fit or cache
     _, classifier = spec.load()
@@ -120,7 +122,7 @@ def _model_spec(preset: Preset, models: ModelOptions, in_chans: int) -> ModelSpe
     if kind == "torchscript" and models.classifier_interpolation is not None:
         raise UserError("--classifier-interpolation: a TorchScript classifier does its own resizing")
     return ModelSpec(models.denoiser, kind, location, preset.num_classes, in_chans, models.classifier_weights,
-                     models.denoiser_fit, models.classifier_interpolation)
+                     models.denoiser_fit, models.classifier_interpolation, models.precision)
 
 
 def _classifier_kind(models: ModelOptions) -> tuple[str, str]:

@@ -12,11 +12,7 @@ before reading, so only selected images are read. Paths may be local or fsspec U
 `storage_options` go to the fsspec filesystem). A UserError raised while Ray runs the dataset (an unreadable
 image with on_bad_image="fail") reaches the driver as `RayTaskError(UserError)`, an instance of UserError
 whose `.cause` is the original; the first line of `str(err.cause)` is the one-line message.
+
+The sources live in their modules (cifar10, class_folder, parquet); this file imports none of them, so
+that the jobs' flag checks and --help do not pay for importing ray.data.
 """
-
-from pipeline.data.cifar10 import cifar10_source
-from pipeline.data.class_folder import class_folder_source
-from pipeline.data.info import Source, SourceInfo
-from pipeline.data.parquet import parquet_image_source
-
-__all__ = ["Source", "SourceInfo", "cifar10_source", "class_folder_source", "parquet_image_source"]

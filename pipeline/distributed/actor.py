@@ -38,7 +38,7 @@ class CascadeActor:
                  shard_metadata: dict[bytes, bytes], prior: PriorCells):
         denoiser, classifier = model_spec.load()
         self.fused = FusedDenoiseClassify(denoiser, classifier, model_spec.num_classes,
-                                          batch_size=samples_per_forward)
+                                          batch_size=samples_per_forward, precision=model_spec.precision)
         self.config = config
         self.strategy = make_strategy(config)
         self.counts_dir = counts_dir

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -25,9 +24,9 @@ import torch.nn.functional as F
 from pipeline.finetune.loss import METRIC_NAMES, LossSettings, cascade_finetune_loss
 from pipeline.finetune.weights import LoraSettings, load_checkpoint, save_checkpoint, trainable_unet
 from pipeline.models.denoiser import OneShotDenoiser
+from pipeline.models.precision import Precision, autocast
 from pipeline.models.spec import ModelSpec
 
-Precision = Literal["bf16", "fp32"]
 FAIL_ONCE_ENV = "MDDS_INJECT_TRAIN_FAILURE"
 """Fault injection for tests: a marker-file path. Rank 0 creates it after its first mid-epoch checkpoint
 and kills its own process, as a preempted node would; Ray Train restarts the group from that checkpoint."""
@@ -85,11 +84,6 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
     generator = torch.Generator(device=device)
     generator.manual_seed(((seed * 1_000_003 + rank) * 1_000_003 + step) % 2**63)
     return generator
-
-
-def autocast(device: torch.device, precision: Precision):
-    """bf16 autocast (no loss scaling needed: bf16 has fp32's range), or exact fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
 def _sum_over_workers(values: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:  # diffusers costs seconds to import; the jobs' --help and flag errors do not need it
+    from diffusers import DDPMScheduler, UNet2DModel
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 DenoiserFit = Literal["pad", "native", "resize"]
@@ -206,6 +208,8 @@ def load_denoiser(path: str | Path, fit: DenoiserFit = "pad") -> OneShotDenoiser
         raise UserError(f"no UNet config.json in {path} (expected UNet2DModel.save_pretrained output)")
     if not (scheduler_dir / "scheduler_config.json").is_file():
         raise UserError(f"no scheduler_config.json in {path} (save the DDPMScheduler next to the UNet)")
+    from diffusers import DDPMScheduler, UNet2DModel
+
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir)

@@ -25,6 +25,7 @@ from pipeline.models.classifier import (
     load_torchscript_classifier,
 )
 from pipeline.models.denoiser import DenoiserFit, OneShotDenoiser, check_finite, load_denoiser
+from pipeline.models.precision import Precision
 
 ClassifierKind = Literal["digits", "timm", "torchscript", "hf"]
 
@@ -35,7 +36,8 @@ class ModelSpec:
     Hugging Face transformers save_pretrained dir (kind "hf").
 
     denoiser_fit: how inputs of another size reach the UNet (pipeline.models.denoiser); classifier_interpolation:
-    the classifier's resize, None for the model's own config (timm / image processor).
+    the classifier's resize, None for the model's own config (timm / image processor); precision: the
+    arithmetic the actors run both networks in (pipeline.models.precision; None: the kernel's default).
     """
 
     denoiser: str
@@ -46,6 +48,7 @@ class ModelSpec:
     classifier_weights: str | None = None
     denoiser_fit: DenoiserFit = "pad"
     classifier_interpolation: Interpolation | None = None
+    precision: Precision | None = None
 
     def load(self) -> tuple[OneShotDenoiser, torch.nn.Module]:
         with tempfile.TemporaryDirectory(prefix="mdds-models-") as scratch:  # loaded into memory, then removed

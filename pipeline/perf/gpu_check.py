@@ -112,7 +112,7 @@ def run_gpu_check(settings: GpuCheckSettings, device: torch.device) -> dict:
         "device": name,
         "denoiser": "guided-diffusion 32x32 tiny" if settings.tiny else "guided-diffusion 256x256 uncond layout",
         "classifier": "resnet10t@32" if settings.tiny else f"{settings.classifier}@224",
-        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "dtype": "bf16 autocast" if fused.precision == "bf16" else "fp32",
         "compiled": settings.compile,
         "batch_size": fused.batch_size,
         "samples": total,
@@ -140,8 +140,9 @@ def run_finetune_memory_check(settings: FinetuneMemorySettings, device: torch.de
     """Peak GPU memory and time of fine-tuning steps on the ADM-256 layout: what --batch-size the
     ImageNet preset can afford on this GPU (on CPU the same code runs, with no memory figure)."""
     from pipeline.finetune.loss import LossSettings, cascade_finetune_loss
-    from pipeline.finetune.train_loop import autocast, frozen
+    from pipeline.finetune.train_loop import frozen
     from pipeline.finetune.weights import LoraSettings, trainable_unet
+    from pipeline.models.precision import autocast
 
     unet_config = TINY_UNET if settings.tiny else PRESETS["imagenet256-uncond"]
     denoiser = guided_denoiser(unet_config, device)

@@ -28,7 +28,7 @@ def tuned_copy(fused: FusedDenoiseClassify, compile_mode: str | None = None) -> 
     """A fused step on deep copies of `fused`'s models with compile_predict (copies, so that `fused`
     itself keeps running eager)."""
     tuned = FusedDenoiseClassify(copy.deepcopy(fused.denoiser), copy.deepcopy(fused.classifier), fused.num_classes,
-                                 fused.device, fused.batch_size)
+                                 fused.device, fused.batch_size, fused.precision)
     compile_predict(tuned, mode=compile_mode)
     return tuned
 

@@ -20,7 +20,10 @@ from PIL import Image
 from torchvision import datasets, transforms
 
 from pipeline.errors import UserError
-from pipeline.data import SourceInfo, cifar10_source, class_folder_source, parquet_image_source
+from pipeline.data.cifar10 import cifar10_source
+from pipeline.data.class_folder import class_folder_source
+from pipeline.data.info import SourceInfo
+from pipeline.data.parquet import parquet_image_source
 from pipeline.data.decode import preprocess
 from pipeline.data.selection import select_image_ids
 

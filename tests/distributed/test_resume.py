@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.distributed.actor import FAIL_ONCE_ENV
+from pipeline.models.precision import resolve_precision
 from pipeline.store.shards import read_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -141,6 +142,9 @@ def test_resume_recomputes_half_written_and_garbage_shards(tmp_path, clean_run, 
 @pytest.mark.parametrize("changed, name", [
     ([arg if arg != "100" else "200" for arg in SETTINGS], "n"),  # --n 100 → --n 200
     ([*SETTINGS, "--denoiser-fit", "native"], "inputs.denoiser_fit"),  # the counts depend on the models too
+    # and on their arithmetic: the precision the clean run's --precision auto did not pick
+    ([*SETTINGS, "--precision", "fp32" if resolve_precision("auto", gpu=False) == "bf16" else "bf16"],
+     "inputs.precision"),
 ])
 def test_resume_with_changed_settings_is_refused_and_keeps_files(tmp_path, clean_run, monkeypatch, capfd, changed,
                                                                   name):

@@ -82,12 +82,13 @@ def test_chunk_lengths_cover_the_samples():
     assert sum(chunk_lengths(1000)) == 1000 and max(chunk_lengths(1000)) == NOISE_CHUNK
 
 
-def test_counts_do_not_depend_on_batch_size_or_subset(tiny_denoiser):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_counts_do_not_depend_on_batch_size_or_subset(tiny_denoiser, precision):
     images = torch.rand(5, 1, 16, 16).numpy()
     ids = [10, 11, 12, 13, 14]
     samples = {Phase.SELECT: 30, Phase.ESTIMATE: 150}
-    big = FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu", batch_size=4096)
-    small = FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu", batch_size=50)
+    big = FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu", batch_size=4096, precision=precision)
+    small = FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu", batch_size=50, precision=precision)
     full = big.count(images, ids, [1.0, 0.25], samples, seed=3)
     part = small.count(images[2:4], ids[2:4], [1.0, 0.25], samples, seed=3)
     for phase, n in samples.items():
@@ -98,6 +99,32 @@ def test_counts_do_not_depend_on_batch_size_or_subset(tiny_denoiser):
     np.testing.assert_array_equal(one_scale[Phase.ESTIMATE][:, 0], full[Phase.ESTIMATE][:, 1])
     other_seed = big.count(images, ids, [1.0, 0.25], samples, seed=4)
     assert not np.array_equal(other_seed[Phase.ESTIMATE], full[Phase.ESTIMATE])
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), (None, torch.float32)])
+def test_precision_is_the_arithmetic_both_networks_run_in(tiny_denoiser, precision, dtype):
+    """bf16 reaches the UNet's convolutions and the classifier; None is exact fp32 on CPU."""
+    seen = []
+    classifier = torch.nn.Sequential(torch.nn.Conv2d(1, 10, 16), torch.nn.Flatten())
+    fused = FusedDenoiseClassify(tiny_denoiser, classifier, 10, "cpu", batch_size=64, precision=precision)
+    hooks = [module.register_forward_hook(lambda _, __, output: seen.append(output.dtype))
+             for module in (fused.denoiser.unet.conv_in, classifier[0])]
+    fused.count(torch.rand(1, 1, 16, 16).numpy(), [0], [0.5], {Phase.ESTIMATE: 64}, seed=0)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [dtype, dtype]
+
+
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch):
+    from pipeline.models import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert [precision.resolve_precision(p, gpu=False) for p in ("auto", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
+    assert precision.resolve_precision("auto", gpu=True) == "bf16"
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    assert precision.resolve_precision("auto", gpu=False) == "bf16"
+    with pytest.raises(UserError, match="unknown precision"):
+        precision.resolve_precision("fp16", gpu=False)
 
 
 def test_counts_match_a_per_sample_loop(tiny_denoiser):
