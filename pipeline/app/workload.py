@@ -159,7 +159,9 @@ def _is_parquet(location: str) -> bool:
 
 
 def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
-    from pipeline import data as sources
+    from pipeline.data.cifar10 import cifar10_source
+    from pipeline.data.class_folder import class_folder_source
+    from pipeline.data.parquet import parquet_image_source
 
     if not data.data:
         expected = {
@@ -169,12 +171,12 @@ def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Worklo
         raise UserError(f"preset {preset.name} needs --data: {expected}")
     selection = dict(skip=data.skip, num_images=data.num_images, start=data.start)
     if preset.name == "cifar10":
-        source = sources.cifar10_source(data.data, split=data.split, **selection)
+        source = cifar10_source(data.data, split=data.split, **selection)
         preprocessing = "none (32x32 as stored)"
     else:
         chosen = PREPROCESSING[data.preprocess or DEFAULT_PREPROCESS]
         files = dict(resize=chosen.resize, crop=chosen.crop, resample=chosen.resample, on_bad_image=data.on_bad_image)
-        read = sources.parquet_image_source if _is_parquet(data.data) else sources.class_folder_source
+        read = parquet_image_source if _is_parquet(data.data) else class_folder_source
         source = read(data.data, **files, **selection)
         preprocessing = chosen.describe()
     info = source.info

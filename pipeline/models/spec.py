@@ -88,7 +88,9 @@ class ModelSpec:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise UserError(f"classifier {self.classifier} returns logits of shape {tuple(logits.shape)} for one "
                             f"{'x'.join(map(str, image_shape))} image; expected (1, {self.num_classes})")
-        return model_notes(denoiser, classifier, image_shape[1:])
+        arithmetic = {"bf16": ("precision: bf16 autocast (denoiser and classifier)",),
+                      "fp32": ("precision: fp32",), None: ()}[self.precision]
+        return (*model_notes(denoiser, classifier, image_shape[1:]), *arithmetic)
 
 
 def model_notes(denoiser: OneShotDenoiser, classifier: torch.nn.Module, size: tuple[int, int]) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ import pytest
 from pipeline.stats.cascade import certify_cascade, needs_next_stage
 from pipeline.app.certify import CertifyRequest, certify
 from pipeline.app.args import build_parser, request_from_args
+from pipeline.models.precision import resolve_precision
 from pipeline.store.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
 from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
@@ -101,7 +102,12 @@ def test_family_wise_runs_every_image_at_alpha_over_m_and_says_so(all_scales_run
     family, plain = pq.read_table(tmp_path / "results.parquet"), pq.read_table(all_scales_run / "results.parquet")
     np.testing.assert_array_equal(family["prediction"].to_numpy(), plain["prediction"].to_numpy())
     np.testing.assert_allclose(family["radius"].to_numpy(), plain["radius"].to_numpy(), rtol=1e-9)
-    assert "per image at alpha=0.001" in (all_scales_run / "report.md").read_text()
+    plain_report = (all_scales_run / "report.md").read_text()
+    assert "per image at alpha=0.001" in plain_report
+    precision = json.loads((all_scales_run / "run_config.json").read_text())["inputs"]["precision"]
+    assert precision == resolve_precision("auto", gpu=False)  # the default, recorded for --resume
+    line = {"bf16": "- precision: bf16 autocast (denoiser and classifier)", "fp32": "- precision: fp32"}[precision]
+    assert line in report.splitlines() and line in plain_report.splitlines()
 
 
 def run_job(*args: str) -> subprocess.CompletedProcess:
