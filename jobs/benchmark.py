@@ -21,6 +21,7 @@ import torch
 
 from pipeline.app.cli import run_main
 from pipeline.errors import UserError
+from pipeline.models.precision import PRECISION_CHOICES, resolve_precision
 
 TARGETS = {
     "fused_speedup": 1.5,
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ImageNet-size models: --gpu-check)")
     parser.add_argument("--out", default="outputs/benchmark", help="directory for benchmark.json / benchmark.md")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                         help="arithmetic of every timed section, as certify's --precision (auto: bf16 on GPUs "
                              "and on CPUs with native bf16)")
     parser.add_argument("--num-images", type=int, default=8, help="images for the throughput sections")
@@ -351,8 +352,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    from pipeline.models.precision import resolve_precision
-
     args.precision = resolve_precision(args.precision, device.type == "cuda")
     if args.gpu_check and device.type != "cuda" and not args.tiny:
         raise UserError("--gpu-check times ImageNet-size models and needs a GPU; add --tiny to run its code path on CPU")

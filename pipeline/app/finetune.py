@@ -26,6 +26,7 @@ from pipeline.errors import UserError
 from pipeline.finetune.loss import LossSettings
 from pipeline.finetune.train_loop import FinetuneSettings, ProbeSet
 from pipeline.finetune.weights import LORA_TARGETS, LoraSettings
+from pipeline.models.precision import PRECISION_CHOICES
 
 RUN_RECORD = "run.json"
 DENOISER_SUBDIR = "denoiser"
@@ -124,7 +125,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     training.add_argument("--lora-targets", help="comma-separated module-name suffixes that get adapters")
     training.add_argument("--checkpoint-every", type=int,
                           help="optimizer steps between checkpoints (0: at epoch ends only)")
-    training.add_argument("--precision", choices=("auto", "bf16", "fp32"),
+    training.add_argument("--precision", choices=PRECISION_CHOICES,
                           help="bf16 autocast with the frozen classifier in bf16, or fp32 (auto: bf16 on GPU)")
     training.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"),
                           help="recompute the UNet's activations in backward (auto: on with GPUs)")
