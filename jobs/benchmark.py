@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-job", action="store_true",
                         help="only time `python jobs/certify.py` from an empty model cache, then cached "
                              "(about 5 minutes on 2 cores; run it on an idle machine)")
+    parser.add_argument("--ray-efficiency", action="store_true",
+                        help="only the Ray Data pipeline against the raw fused step on all scales, with as many "
+                             "single-threaded actors as --threads (the target's workload: --num-images 100 "
+                             "--n 10000; about 35 minutes with --threads 2)")
     parser.add_argument("--skip-adaptive", action="store_true", help="skip adaptive vs fixed n")
     parser.add_argument("--skip-throughput", action="store_true",
                         help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")
@@ -155,6 +159,14 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
                                     args.seed)
     report: dict = {"machine": benchmark.machine_info(device), "settings": vars(args), "preset": preset.name,
                     "denoiser": spec.denoiser}
+    if args.ray_efficiency:
+        work = everything.subset(args.num_images)
+        print(f"[benchmark] raw fused step vs Ray Data: {work.all_scales_samples} samples each", flush=True)
+        raw_counts, raw_s = benchmark.raw_fused(fused, work)
+        report["ray"] = benchmark.ray_pipeline(spec, work, fused.batch_size, fused.device.type == "cuda", raw_counts,
+                                               raw_s, workdir, actor_counts=(torch.get_num_threads(),))
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+        return report
     if not args.skip_throughput:
         report.update(throughput_sections(args, fused, spec, everything.subset(args.num_images), workdir))
     if args.skip_adaptive:
@@ -256,7 +268,7 @@ def _ray_rows(ray: dict) -> list[str]:
     for actors, run in ray["by_actors"].items():
         matched = int(actors) == ray["matched_actors"]
         rows += [
-            f"| Ray Data pipeline vs raw fused step ({ray['raw_fused_torch_threads']} thread), {actors} actor(s) "
+            f"| Ray Data pipeline vs raw fused step ({ray['raw_fused_torch_threads']} thread(s)), {actors} actor(s) "
             f"({run['seconds']:.1f} s vs {ray['raw_fused_s']:.1f} s; counts identical: {run['counts_equal_raw']}) | "
             f"{_pct(run['efficiency'])} | {'≥ ' + _pct(TARGETS['ray_efficiency']) if matched else ''} |",
             f"| same, {actors} actor(s), without the per-execution overhead ({ray['per_execution_overhead_s']:.1f} s) | "
@@ -322,8 +334,8 @@ def markdown(report: dict) -> str:
         lines += _main_job_rows(report["main_job"])
     if "fused_vs_reference" in report:
         lines += _throughput_rows(report["fused_vs_reference"], report["early_exit"], report["flops"])
-        if not report["ray"].get("skipped"):
-            lines += _ray_rows(report["ray"])
+    if "ray" in report and not report["ray"].get("skipped"):
+        lines += _ray_rows(report["ray"])
     if "adaptive" in report and not report["adaptive"].get("skipped"):
         lines += _adaptive_rows(report["adaptive"])
     machine = report["machine"]

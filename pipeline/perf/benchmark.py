@@ -138,6 +138,14 @@ def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_ba
     return result
 
 
+def raw_fused(fused: FusedDenoiseClassify, work: Workload) -> tuple[dict[Phase, np.ndarray], float]:
+    """All scales of every image by the fused step in this process (after a one-image warm-up): the
+    baseline the Ray pipeline is held to, without the reference loop's cost."""
+    timed(lambda: fused.count(work.images[:1], work.image_ids[:1], work.sigmas[:1], {Phase.ESTIMATE: 64}, work.seed),
+          fused.device)
+    return timed(lambda: fused.count(work.images, work.image_ids, work.sigmas, work.samples, work.seed), fused.device)
+
+
 def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: dict[Phase, np.ndarray],
                all_scales_s: float) -> dict:
     """The early-exit strategy the actors run (sampling/strategies.py) on the same images and noise:

@@ -2,12 +2,12 @@
 
 This is the only place that turns noise into votes. A request names samples [start, stop) of one
 (image row, scale, phase); all requested noise chunks of a call — any mix of images, scales and
-phases — are packed into batches of about `batch_size` samples, so one UNet forward (per-sample
+phases — are cut into batches of `batch_size` samples, so one UNet forward (per-sample
 timestep t*(sigma)) and one classifier forward serve many images and several noise scales at once.
 Counts are accumulated on the device with `bincount` (no host sync per batch). Noise is
 counter-seeded per (image_id, sigma, phase, chunk) (see noise.py): the votes of a sample range are
-identical whatever the packing, the batch size, the sharding or the order of requests, so fixed-n,
-early-exit and adaptive runs share their noise. No Ray here: this module can be benchmarked,
+identical whatever the packing, the sharding or the order of requests (and in fp32 whatever the
+batch size; see `fixed_shape`), so fixed-n, early-exit and adaptive runs share their noise. No Ray here: this module can be benchmarked,
 compiled and tested alone.
 """
 
@@ -71,6 +71,19 @@ class _Chunk:
     length: int
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Samples [start, stop) of one chunk: a chunk cut across two forwards is two pieces."""
+
+    chunk: _Chunk
+    start: int
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -95,6 +108,12 @@ class FusedDenoiseClassify(torch.nn.Module):
         self.batch_size = batch_size
         # None: bf16 on GPU, exact fp32 on CPU (what the reference forwards in the tests compare with).
         self.precision: Precision = precision or ("bf16" if self.device.type == "cuda" else "fp32")
+        # Reduced-precision kernels are chosen per input shape (oneDNN's AMX kernels on CPU, cuBLAS and
+        # cuDNN on GPU) and round differently, so a sample's bf16 vote can change with the size of the
+        # forward it lands in. In bf16 every forward therefore has exactly `batch_size` rows (the last
+        # one padded): a vote then depends on the batch size alone, not on packing, sharding, strategy
+        # or resume. fp32 forwards are row-independent and skip the padding.
+        self.fixed_shape = self.precision == "bf16"
         # NHWC convolutions: cuDNN's tensor-core kernels on GPU, and oneDNN's blocked kernels for the
         # classifier on CPU. On CPU the UNet stays NCHW: its GroupNorm and attention are slower in NHWC
         # (digits UNet, one core: 0.92 vs 1.02 s per 1,024 samples in fp32, 0.47 vs 1.10 in bf16).
@@ -119,18 +138,30 @@ class FusedDenoiseClassify(torch.nn.Module):
             )
         return images.to(self.device)
 
-    def _batches(self, chunks: list[_Chunk]) -> Iterator[list[_Chunk]]:
-        """Pack whole chunks into batches of about `batch_size` samples."""
-        batch: list[_Chunk] = []
+    def _batches(self, chunks: list[_Chunk]) -> Iterator[list[_Piece]]:
+        """Cut the chunks' samples, in order, into batches of exactly `batch_size` (the last one shorter)."""
+        batch: list[_Piece] = []
         filled = 0
         for chunk in chunks:
-            batch.append(chunk)
-            filled += chunk.length
-            if filled >= self.batch_size:
-                yield batch
-                batch, filled = [], 0
+            start = 0
+            while start < chunk.length:
+                stop = min(chunk.length, start + self.batch_size - filled)
+                batch.append(_Piece(chunk, start, stop))
+                filled += stop - start
+                start = stop
+                if filled == self.batch_size:
+                    yield batch
+                    batch, filled = [], 0
         if batch:
             yield batch
+
+    def _padded(self, noisy: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With fixed shapes, a short last batch is filled up to `batch_size` rows with its first sample."""
+        missing = self.batch_size - len(noisy) if self.fixed_shape else 0
+        if missing <= 0:
+            return noisy, timesteps
+        return (torch.cat([noisy, noisy[:1].expand(missing, *noisy.shape[1:])]),
+                torch.cat([timesteps, timesteps[:1].expand(missing)]))
 
     @torch.inference_mode()
     def votes(
@@ -162,17 +193,19 @@ class FusedDenoiseClassify(torch.nn.Module):
         counts = torch.zeros(len(requests) * classes, dtype=torch.int64, device=device)
         shape = tuple(images.shape[1:])
         for batch in self._batches(chunks):
-            noise = torch.cat([chunk_noise(shape, c.length, seed, int(image_ids[c.row]), sigma_values[c.stage],
-                                           c.phase, c.chunk, device) for c in batch])
-            lengths = torch.tensor([c.length for c in batch], device=device)
+            noise = torch.cat([chunk_noise(shape, p.chunk.length, seed, int(image_ids[p.chunk.row]),
+                                           sigma_values[p.chunk.stage], p.chunk.phase, p.chunk.chunk,
+                                           device)[p.start:p.stop] for p in batch])
+            lengths = torch.tensor([p.length for p in batch], device=device)
 
             def per_sample(values: list, dtype=None) -> torch.Tensor:
                 return torch.tensor(values, device=device, dtype=dtype).repeat_interleave(lengths)
 
-            request = per_sample([c.request for c in batch])
-            sigma = per_sample([sigma_values[c.stage] for c in batch], torch.float32)
-            noisy = images[per_sample([c.row for c in batch])] + sigma.view(-1, 1, 1, 1) * noise
-            predictions = self.predict(noisy, per_sample([timesteps[c.stage] for c in batch]))
+            request = per_sample([p.chunk.request for p in batch])
+            sigma = per_sample([sigma_values[p.chunk.stage] for p in batch], torch.float32)
+            noisy = images[per_sample([p.chunk.row for p in batch])] + sigma.view(-1, 1, 1, 1) * noise
+            steps = per_sample([timesteps[p.chunk.stage] for p in batch])
+            predictions = self.predict(*self._padded(noisy, steps))[: len(noisy)]
             counts += torch.bincount(request * classes + predictions, minlength=counts.numel())
         return counts.view(len(requests), classes).cpu().numpy()
 

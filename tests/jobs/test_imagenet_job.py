@@ -42,7 +42,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:`torch.jit.*d
 
 CLASS_FOLDERS = ("n03", "n01", "n02")  # created out of sorted order: labels follow the sorted names
 JPEG_SIZES = ((301, 257), (260, 333))  # (width, height), neither 256 nor 224 on any side
-SMALL_RUN = ["--num-images", "4", "--skip", "1", "--n", "16", "--n-select", "8"]
+JOB_BATCH = 64  # samples per forward of the jobs below; the direct checks use it too (bf16 votes depend on it)
+SMALL_RUN = ["--num-images", "4", "--skip", "1", "--n", "16", "--n-select", "8", "--batch-size", str(JOB_BATCH)]
 CIFAR_LABELS = [3, 1, 3, 0, 3, 2]
 FAVOURED_CLASS = 3
 JOB_PRECISION = resolve_precision("auto", gpu=False)  # what the CPU jobs run in: the direct checks mirror it
@@ -207,7 +208,7 @@ def test_imagenet_job_with_converted_guided_diffusion_and_timm(
                           for folder in ("n01", "n02")])
     spec = ModelSpec(str(guided_denoiser), "timm", "test_vit", 1000, classifier_weights=str(timm_weights),
                      denoiser_fit="resize")
-    fused = FusedDenoiseClassify(*spec.load(), num_classes=1000, device="cpu", batch_size=400,
+    fused = FusedDenoiseClassify(*spec.load(), num_classes=1000, device="cpu", batch_size=JOB_BATCH,
                                  precision=JOB_PRECISION)
     expected = fused.count(images, [0, 2], [1.0], {Phase.SELECT: 8, Phase.ESTIMATE: 16}, seed=0)
     np.testing.assert_array_equal(counts.select_counts[[0, 2], 0], expected[Phase.SELECT][:, 0])
@@ -273,7 +274,7 @@ def test_cifar10_job_with_converted_improved_diffusion_and_a_hugging_face_vit(
 
     counts = counts_to_arrays(read_counts(out / "counts"))
     spec = ModelSpec(str(folder / "denoiser"), "hf", str(vit), 10, classifier_interpolation="bicubic")
-    fused = FusedDenoiseClassify(*spec.load(), num_classes=10, device="cpu", batch_size=400,
+    fused = FusedDenoiseClassify(*spec.load(), num_classes=10, device="cpu", batch_size=JOB_BATCH,
                                  precision=JOB_PRECISION)
     assert fused.denoiser.timestep_scale == 0.25 and fused.denoiser.timestep_for_sigma(1.0) > 1000
     images = torch.from_numpy(load_cifar_rows(cifar_dir)[:2].reshape(2, 3, 32, 32).astype(np.float32) / np.float32(255))

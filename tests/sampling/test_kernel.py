@@ -84,11 +84,14 @@ def test_chunk_lengths_cover_the_samples():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_counts_do_not_depend_on_batch_size_or_subset(tiny_denoiser, precision):
+    """fp32 votes do not depend on the batch size; bf16 votes only on the batch size, never on which
+    other samples share the forward (so bf16 compares packings at one batch size)."""
     images = torch.rand(5, 1, 16, 16).numpy()
     ids = [10, 11, 12, 13, 14]
     samples = {Phase.SELECT: 30, Phase.ESTIMATE: 150}
-    big = FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu", batch_size=4096, precision=precision)
     small = FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu", batch_size=50, precision=precision)
+    big = small if precision == "bf16" else FusedDenoiseClassify(tiny_denoiser, MeanThreshold(), 10, "cpu",
+                                                                 batch_size=4096, precision=precision)
     full = big.count(images, ids, [1.0, 0.25], samples, seed=3)
     part = small.count(images[2:4], ids[2:4], [1.0, 0.25], samples, seed=3)
     for phase, n in samples.items():
@@ -99,6 +102,20 @@ def test_counts_do_not_depend_on_batch_size_or_subset(tiny_denoiser, precision):
     np.testing.assert_array_equal(one_scale[Phase.ESTIMATE][:, 0], full[Phase.ESTIMATE][:, 1])
     other_seed = big.count(images, ids, [1.0, 0.25], samples, seed=4)
     assert not np.array_equal(other_seed[Phase.ESTIMATE], full[Phase.ESTIMATE])
+
+
+@pytest.mark.parametrize("precision, padded", [("bf16", True), ("fp32", False)])
+def test_bf16_forwards_all_have_the_batch_size_and_padding_casts_no_vote(tiny_denoiser, precision, padded):
+    """Reduced-precision kernels depend on the input's shape, so bf16 pads the last forward of a call
+    to `batch_size` rows and drops the padding's votes; fp32 (row-independent) runs it short."""
+    rows = []
+    classifier = MeanThreshold()
+    hook = classifier.register_forward_pre_hook(lambda _, inputs: rows.append(len(inputs[0])))
+    fused = FusedDenoiseClassify(tiny_denoiser, classifier, 10, "cpu", batch_size=100, precision=precision)
+    counts = fused.count(torch.rand(3, 1, 16, 16).numpy(), [0, 1, 2], [0.5], {Phase.ESTIMATE: 70}, seed=0)
+    hook.remove()
+    assert rows == ([100, 100, 100] if padded else [100, 100, 10])  # 210 samples cut at 100, chunks split
+    assert (counts[Phase.ESTIMATE].sum(-1) == 70).all()
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), (None, torch.float32)])
