@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ray-efficiency", action="store_true",
                         help="only the Ray Data pipeline against the raw fused step on all scales, with as many "
                              "single-threaded actors as --threads (the target's workload: --num-images 100 "
-                             "--n 10000; about 35 minutes with --threads 2)")
+                             "--n 10000; about 30 minutes with --threads 2 on 2 cores)")
     parser.add_argument("--skip-adaptive", action="store_true", help="skip adaptive vs fixed n")
     parser.add_argument("--skip-throughput", action="store_true",
                         help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")

@@ -7,8 +7,9 @@ timestep t*(sigma)) and one classifier forward serve many images and several noi
 Counts are accumulated on the device with `bincount` (no host sync per batch). Noise is
 counter-seeded per (image_id, sigma, phase, chunk) (see noise.py): the votes of a sample range are
 identical whatever the packing, the sharding or the order of requests (and in fp32 whatever the
-batch size; see `fixed_shape`), so fixed-n, early-exit and adaptive runs share their noise. No Ray here: this module can be benchmarked,
-compiled and tested alone.
+batch size; see `fixed_shape`), so fixed-n, early-exit and adaptive runs share their noise. A chunk
+cut across two forwards draws its noise once per piece (at most one extra chunk per forward). No Ray
+here: this module can be benchmarked, compiled and tested alone.
 """
 
 from __future__ import annotations
