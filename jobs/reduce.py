@@ -30,7 +30,8 @@ from pipeline.app.reduce import (
     refuse_incomplete,
     scales_sampled,
 )
-from pipeline.app.report import markdown_table, summary_rows
+from pipeline.app.report import markdown_table
+from pipeline.store.metrics import summary_rows
 from pipeline.errors import UserError
 from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS, check_p0
 from pipeline.store.counts import CountsArrays, counts_to_arrays, read_counts_reporting

@@ -34,7 +34,7 @@ from pipeline.models.spec import ModelSpec
 from pipeline.sampling.noise import Phase
 from pipeline.store.results import results_table
 from pipeline.perf.reference_loop import reference_counts
-from pipeline.app.report import REPORT_RADII, average_certified_radius, certified_accuracy
+from pipeline.store.metrics import REPORT_RADII, average_certified_radius, certified_accuracy
 from pipeline.errors import UserError
 from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource
 
