@@ -105,7 +105,7 @@ class CertifyConfig:
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)
-        set_field("sigmas", _sigmas(self.sigmas))
+        set_field("sigmas", check_sigmas(self.sigmas))
         set_field("target_radii", _target_radii(self.target_radii))
         for name in ("n_select", "n", "seed"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
@@ -132,11 +132,8 @@ class CertifyConfig:
             raise ConfigError("{radius_tolerance} must be >= 0, got {value}", value=self.radius_tolerance)
         if self.family_size is not None and self.family_size < 1:
             raise ConfigError("{family_size} must be >= 1, got {value}", value=self.family_size)
-        if self.routing is None:
+        if self.routing is None:  # adaptive: cascade until its stopping rules favour the others (docs/adaptive.md)
             set_field("routing", "continue" if self.alpha_mode == "union" and not adaptive else "cascade")
-        elif adaptive and self.routing != "cascade":
-            raise ConfigError("{routing} {value} needs union mode with fixed n; {adaptive} always routes as cascade",
-                              value=self.routing)
         if not 0.0 < self.alpha < 1.0:  # checked here too: image_alpha below divides it
             raise ConfigError("{alpha} must be in (0, 1), got {value}", value=self.alpha)
         set_field("rule", CascadeRule(self.image_alpha, self.alpha_mode, self.p0, self.routing))
@@ -182,8 +179,8 @@ class CertifyConfig:
         return cls(**values)
 
 
-def _sigmas(sigmas: Any) -> tuple[float, ...]:
-    """Positive, finite, distinct; stored from the highest (the cascade's order)."""
+def check_sigmas(sigmas: Any) -> tuple[float, ...]:
+    """Positive, finite, distinct; returned from the highest (the cascade's order)."""
     values = (sigmas,) if isinstance(sigmas, (int, float)) else tuple(sigmas)
     if not values:
         raise ConfigError("{sigmas} is empty")

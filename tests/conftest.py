@@ -10,10 +10,13 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 
+pytest_plugins = ["tests.s3_server"]  # s3_server / s3_url: one S3-protocol server for every test module
+
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """Ray costs ~10 s to start on 2 cores, so every test shares this one local instance."""
+def ray_session(s3_server):
+    """Ray costs ~10 s to start on 2 cores, so every test shares this one local instance. Its workers
+    inherit the environment as it is now, so the S3 server's variables are set first."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.stats.cascade import ALPHA_MODES, ROUTINGS, check_p0
 from pipeline.app.certify import CertifyRequest
+from pipeline.app.presets import DATASET_PRESETS, get_preset, parse_sigmas
+from pipeline.config import ALPHA_MODES, ROUTINGS, CertifyConfig, Task
 from pipeline.errors import UserError
 from pipeline.sampling.kernel import default_device
-from pipeline.sampling.strategies import SamplingConfig
-from pipeline.stats.sequential_cascade import check_target_radii
-from pipeline.app.presets import PRESETS, get_preset, parse_sigmas
 from pipeline.distributed.run import ExecutionConfig
 from pipeline.app.workload import DEFAULT_PREPROCESS, DataOptions, ModelOptions
 from pipeline.data.decode import PREPROCESSING
@@ -36,7 +34,7 @@ image at alpha/M, so that all M certificates hold together with probability at l
 def preset_defaults() -> str:
     """The presets' values as a table for --help: what a run certifies when no flag overrides them."""
     lines = ["preset defaults (each can be overridden by its flag):"]
-    for p in PRESETS.values():
+    for p in DATASET_PRESETS.values():
         images = "all" if p.num_images is None else str(p.num_images)
         lines.append(f"  {p.name:<9} --sigmas {','.join(f'{s:g}' for s in p.sigmas)}  --n-select {p.n_select}  "
                      f"--n {p.n}  --alpha {p.alpha:g}  --skip {p.skip}  --num-images {images}  "
@@ -48,7 +46,7 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     parser = argparse.ArgumentParser(description=description, epilog=preset_defaults() + "\n\n" + EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=default_preset,
-                        help="named defaults: " + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+                        help="named defaults: " + "; ".join(f"{p.name}: {p.description}" for p in DATASET_PRESETS.values())
                         + f" (default: {default_preset})")
     parser.add_argument("--out", default=None, help="output directory or fsspec URL (s3://, gs://); "
                         "default: outputs/<preset>")
@@ -139,48 +137,46 @@ def add_model_arguments(data: argparse._ArgumentGroup) -> None:
                       "interpolation and normalization from timm's data config), hf:DIR or a directory with "
                       "config.json (a Hugging Face transformers image classifier, save_pretrained with its "
                       "image processor; loaded offline), or a TorchScript .pt/.ts/.jit file that takes "
-                      "[0,1] images and returns one logit per class")
+                      "[0,1] images and returns one logit per class, or py:package.module:function, a factory of your own, "
+                      "importable on every node (installed or on PYTHONPATH), called with no arguments and returning a "
+                      "torch.nn.Module that maps [0,1] images to one logit per class")
     data.add_argument("--classifier-interpolation", choices=INTERPOLATIONS, metavar="|".join(INTERPOLATIONS),
                       help="resize of the denoised image to the classifier's input size (antialiased; default: "
                       "the classifier's own config, bicubic for timm's BEiT/ViT)")
     data.add_argument("--classifier-weights", help="timm classifier weights (.safetensors or torch state dict), "
                       "local or fsspec URL")
 
-def request_from_args(args: argparse.Namespace) -> CertifyRequest:
+def request_from_args(args: argparse.Namespace, task: Task = "certify") -> CertifyRequest:
+    """The parsed flags as a request: the preset fills what no flag gives, CertifyConfig checks the
+    certification settings (its errors name the flags, app/cli.py)."""
     preset = get_preset(args.preset)
-    sigmas = parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas
-    gpu = use_gpu(args.device)
-    num_actors = _num_actors(args.num_actors, gpu, reads_files=preset.name != "digits")
-    if args.adaptive and (args.all_scales or args.alpha_mode != "union"):
+    if args.adaptive and args.all_scales:
         raise UserError("--adaptive works with early exit and union alpha only (drop --all-scales / --alpha-mode)")
-    if args.target_radius and not args.adaptive:
-        raise UserError("--target-radius needs --adaptive (a fixed-n run certifies every radius at once)")
-    target_radii = tuple(sorted(set(args.target_radius)))
-    check_target_radii(target_radii)
+    config = CertifyConfig(
+        sigmas=parse_sigmas(args.sigmas) if args.sigmas else preset.sigmas,
+        n_select=0 if task == "predict" else args.n_select if args.n_select is not None else preset.n_select,
+        n=args.n if args.n is not None else preset.n,
+        alpha=args.alpha if args.alpha is not None else preset.alpha,
+        family_wise=args.family_wise,
+        alpha_mode=args.alpha_mode,
+        p0=args.p0,
+        routing=args.routing,
+        strategy="adaptive" if args.adaptive else "all_scales" if args.all_scales else "early_exit",
+        radius_tolerance=args.radius_tolerance,
+        target_radii=tuple(args.target_radius),
+        task=task,
+        seed=args.seed,
+    )
     if args.images_per_batch < 1:
         raise UserError(f"--images-per-batch must be >= 1, got {args.images_per_batch}")
-    check_p0(args.p0)
-    strategy = "adaptive" if args.adaptive else "all_scales" if args.all_scales else "early_exit"
+    gpu = use_gpu(args.device)
     return CertifyRequest(
         preset=preset,
-        sampling=SamplingConfig(
-            sigmas=sigmas,
-            n_select=args.n_select if args.n_select is not None else preset.n_select,
-            n=args.n if args.n is not None else preset.n,
-            seed=args.seed,
-            alpha=args.alpha if args.alpha is not None else preset.alpha,
-            alpha_mode=args.alpha_mode,
-            p0=args.p0,
-            strategy=strategy,
-            routing=resolve_routing(args.routing, args.alpha_mode, args.adaptive),
-            radius_tolerance=args.radius_tolerance,
-            family_wise=args.family_wise,
-            target_radii=target_radii,
-        ),
+        config=config,
         execution=ExecutionConfig(
-            num_actors=num_actors,
+            num_actors=num_actors_for(args.num_actors, gpu, reads_files=preset.name != "digits"),
             images_per_batch=args.images_per_batch,
-            samples_per_forward=args.batch_size if args.batch_size is not None else preset.batch_size,
+            batch_size=args.batch_size if args.batch_size is not None else preset.batch_size,
             use_gpu=gpu,
         ),
         data=DataOptions(
@@ -193,24 +189,13 @@ def request_from_args(args: argparse.Namespace) -> CertifyRequest:
         ),
         models=ModelOptions(args.denoiser, args.classifier, args.classifier_weights, args.denoiser_fit or "pad",
                             args.classifier_interpolation, resolve_precision(args.precision, gpu)),
-        out=args.out or f"outputs/{preset.name}",
+        out=args.out or f"outputs/{preset.name}" + ("-predict" if task == "predict" else ""),
         overwrite=args.overwrite,
         resume=args.resume,
     )
 
 
-def resolve_routing(requested: str | None, alpha_mode: str, adaptive: bool) -> str:
-    """--routing, checked, or its default: continue in union mode; reference mode and the adaptive
-    sampler (which routes by its own sequential rule) are cascade only."""
-    fixed = "reference mode" if alpha_mode == "reference" else "--adaptive" if adaptive else None
-    if fixed is None:
-        return requested or "continue"
-    if requested not in (None, "cascade"):
-        raise UserError(f"--routing {requested} needs union mode with fixed n; {fixed} always routes as cascade")
-    return "cascade"
-
-
-def _num_actors(requested: int | None, use_gpu: bool, reads_files: bool) -> int:
+def num_actors_for(requested: int | None, use_gpu: bool, reads_files: bool) -> int:
     """`--num-actors`, checked, or its default: one actor per GPU; without GPUs one single-threaded actor
     per core, which beats one copy using every core (1.5× on 2 cores). When Ray Data tasks read files
     (every preset but the in-memory digits), one core stays free: actors on every core starve the reads

@@ -3,35 +3,29 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.app.cli import prepare_out_dir
-from pipeline.app.presets import Preset
-from pipeline.app.reduce import (
-    cascade_lacking,
-    missing_images,
-    reduce_adaptive,
-    reduce_cascade,
-    reduce_single_scales,
-    refuse_incomplete,
-)
+from pipeline.app.presets import DatasetPreset
+from pipeline.app.reduce import reduce_counts
 from pipeline.app.report import render_report
 from pipeline.app.workload import DataOptions, ModelOptions, Workload, build_workload
+from pipeline.config import CertifyConfig
 from pipeline.distributed.ray_init import init_ray
-from pipeline.distributed.run import ExecutionConfig, sample_counts
-from pipeline.errors import UserError
-from pipeline.sampling.strategies import SamplingConfig
+from pipeline.distributed.run import DatasetFor, ExecutionConfig, sample_counts
+from pipeline.models.spec import ModelSource
 from pipeline.store.atomic import write_bytes, write_parquet
-from pipeline.store.counts import CountsArrays, counts_to_arrays
 from pipeline.store.run_config import check_resume, join, shard_metadata, write_image_ids
 
 
 @dataclass(frozen=True)
 class CertifyRequest:
-    preset: Preset
-    sampling: SamplingConfig
+    preset: DatasetPreset
+    config: CertifyConfig
     execution: ExecutionConfig
     data: DataOptions
     models: ModelOptions
@@ -41,24 +35,15 @@ class CertifyRequest:
 
 
 def inputs_of(request: CertifyRequest) -> dict:
-    """Besides the sampling settings, what the counts depend on: the models and how the images reach
-    them. Recorded with the settings so that `--resume` refuses to mix, e.g., two denoiser fits."""
+    """Besides the configuration, what the counts depend on: the models, how the images reach them, and
+    in bf16 the samples per forward (reduced-precision kernels round by shape). Recorded with the
+    settings so that `--resume` refuses to mix, e.g., two denoiser fits."""
     models, data = request.models, request.data
     return {"data": data.data, "preprocess": data.preprocess, "denoiser": models.denoiser,
             "classifier": models.classifier, "classifier_weights": models.classifier_weights,
             "denoiser_fit": models.denoiser_fit, "classifier_interpolation": models.classifier_interpolation,
-            "precision": models.precision}
-
-
-def run_settings(sampling: SamplingConfig, user_alpha: float) -> dict:
-    """The run's settings as stored in run_config.json and in every shard's metadata: the sampling
-    config (alpha is the per-image level) plus the alpha the user asked for (differs under
-    --family-wise)."""
-    settings = asdict(sampling)
-    settings["sigmas"] = list(settings["sigmas"])
-    settings["user_alpha"] = user_alpha
-    settings["target_radii"] = list(settings["target_radii"])  # as JSON reads it back, for the resume check
-    return settings
+            "precision": models.precision,
+            **({"batch_size": request.execution.batch_size} if models.precision == "bf16" else {})}
 
 
 class Stopwatch:
@@ -78,101 +63,90 @@ class Stopwatch:
         return f"{total:.1f} s (" + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.phases.items()) + ")"
 
 
-def per_image_sampling(sampling: SamplingConfig, num_images: int) -> SamplingConfig:
-    """--family-wise: every image at alpha / M, so that by Bonferroni over the M images all their
-    certificates hold together with probability >= 1 - alpha (method.md §4c)."""
-    return replace(sampling, alpha=sampling.alpha / num_images) if sampling.family_wise else sampling
-
-
-def guarantee_line(sampling: SamplingConfig, user_alpha: float, num_images: int) -> str:
-    """What the report's certificates carry, stated exactly (method.md §4c)."""
-    if sampling.alpha_mode == "reference":
+def guarantee_line(config: CertifyConfig) -> str:
+    """What the report's certificates carry, stated exactly (docs/statistics.md, the guarantee)."""
+    if config.alpha_mode == "reference":
         return (f"guarantee: none stated (reference mode: alpha/k at stage k as the published code, "
-                f"alpha={sampling.alpha:g})")
-    if sampling.family_wise:
-        return (f"guarantee: family-wise over {num_images} images: per image alpha/M={sampling.alpha:.4g} "
-                f"(alpha={user_alpha:g}), all certificates hold together with probability >= {1 - user_alpha:g}")
-    return (f"guarantee: per image at alpha={sampling.alpha:g} (each certificate is wrong with probability "
+                f"alpha={config.image_alpha:g})")
+    if config.family_wise:
+        return (f"guarantee: family-wise over {config.family_size} images: per image alpha/M={config.image_alpha:.4g} "
+                f"(alpha={config.alpha:g}), all certificates hold together with probability >= {1 - config.alpha:g}")
+    return (f"guarantee: per image at alpha={config.alpha:g} (each certificate is wrong with probability "
             f"<= alpha; not jointly over the run, see --family-wise)")
 
 
-def collect_counts(request: CertifyRequest, stopwatch: Stopwatch, min_select: int = 1) -> tuple[Workload, SamplingConfig, CountsArrays]:
-    """Validate, prepare --out, load the models, join Ray and sample (or reuse) the counts of every
-    image; returns the sampling config actually used (per-image alpha) with the counts."""
-    sampling = request.sampling
-    if sampling.n < 1 or sampling.n_select < min_select:
-        raise UserError(f"--n must be >= 1 and --n-select >= {min_select}")
-    if not 0 < sampling.alpha < 1:
-        raise UserError(f"--alpha must be in (0, 1), got {sampling.alpha}")
+def collect_counts(request: CertifyRequest, stopwatch: Stopwatch) -> tuple[Workload, CertifyConfig, np.ndarray]:
+    """Prepare --out, load the models, join Ray and sample (or reuse) the counts of every image; returns
+    the run's configuration (family-wise: per-image alpha fixed by the number of images) and the ids
+    that must all have their counts (an unreadable image skipped with --on-bad-image skip has none)."""
     prepare_out_dir(request.out, request.overwrite, request.resume)
     workload = build_workload(request.preset, request.data, request.models)
-    sampling = per_image_sampling(sampling, len(workload.image_ids))
-    settings = run_settings(sampling, request.sampling.alpha)
-    settings["inputs"] = inputs_of(request)
-    check_resume(request.out, settings, request.resume)  # only once the models load: a failed start leaves OUT empty
-    write_image_ids(request.out, workload.image_ids)
+    config, sampled = sample_run(request.out, request.config, inputs_of(request), workload.image_ids,
+                                 workload.dataset_for, workload.model_spec, request.execution, request.resume,
+                                 stopwatch)
+    asked = workload.image_ids
+    if request.data.on_bad_image == "skip" and workload.locations is not None:
+        asked = np.intersect1d(asked, sampled)
+    return workload, config, asked
+
+
+def sample_run(out: str, config: CertifyConfig, inputs: dict, image_ids: np.ndarray, dataset_for: DatasetFor,
+               models: ModelSource, execution: ExecutionConfig, resume: bool,
+               stopwatch: Stopwatch) -> tuple[CertifyConfig, np.ndarray]:
+    """Record the run (or check a resume matches it), join Ray and sample every cell still missing, in
+    one Ray Data execution; OUT is prepared and the models checked. Returns the configuration of the
+    run over these images and the ids with counts on disk."""
+    config = config.for_images(len(image_ids))
+    settings = {**config.to_dict(), "inputs": inputs}
+    check_resume(out, settings, resume)  # only once the models load: a failed start leaves OUT empty
+    write_image_ids(out, image_ids)
     stopwatch.lap("models")
     init_ray()
     stopwatch.lap("Ray start")
-    counts = sample_counts(workload.dataset_for, workload.image_ids, workload.model_spec, sampling,
-                           request.execution, join(request.out, "counts"), shard_metadata(settings))
+    sampled = sample_counts(dataset_for, image_ids, models, config, execution, join(out, "counts"),
+                            shard_metadata(settings))
     stopwatch.lap("sampling")
-    arrays = counts_to_arrays(counts, sampling.sigmas)
-    _check_every_image_has_its_counts(request, workload, sampling, arrays)
-    return workload, sampling, arrays
-
-
-def _check_every_image_has_its_counts(request: CertifyRequest, workload: Workload, sampling: SamplingConfig,
-                                      arrays: CountsArrays) -> None:
-    """After sampling, every asked image must have the rows its routing needs; images skipped as
-    unreadable (--on-bad-image skip) have none and are listed in the report instead."""
-    asked = workload.image_ids
-    if request.data.on_bad_image == "skip" and workload.locations is not None:
-        asked = np.intersect1d(asked, arrays.image_ids)
-    lacking = None
-    if sampling.strategy in ("early_exit", "all_scales"):
-        lacking = cascade_lacking(arrays, sampling.alpha, sampling.alpha_mode, sampling.p0, sampling.routing)
-    refuse_incomplete(missing_images(arrays, asked, lacking), len(workload.image_ids), (),
-                      "run the same command with --resume to sample them")
+    return config, sampled
 
 
 def certify(request: CertifyRequest) -> str:
-    """Run everything; returns the printed summary table."""
+    """Run everything; returns the printed report."""
     stopwatch = Stopwatch()
-    workload, sampling, arrays = collect_counts(request, stopwatch)
-    adaptive = sampling.strategy == "adaptive"
-    if adaptive:
-        results = reduce_adaptive(arrays, sampling.alpha, sampling.p0, sampling.routing, sampling.target_radii)
-    else:
-        results = reduce_cascade(arrays, sampling.alpha, sampling.alpha_mode, sampling.p0, sampling.routing)
-    write_parquet(results, join(request.out, "results.parquet"))
+    workload, config, asked = collect_counts(request, stopwatch)
+    skipped = () if workload.locations is None else tuple(workload.locations[i] for i in sorted(workload.locations)
+                                                          if i not in set(asked.tolist()))
+    return write_results(request.out, config, asked, request.preset.name, workload.notes, stopwatch, skipped)[1]
 
-    tables = {"cascade " + "/".join(f"{s:g}" for s in sampling.sigmas): results}
+
+def write_results(out: str, config: CertifyConfig, asked: np.ndarray, title: str, notes: Sequence[str],
+                  stopwatch: Stopwatch, skipped: Sequence[str] = ()) -> tuple[pa.Table, str]:
+    """Reduce OUT/counts, write results.parquet, report.md and the curve; returns the results and the report."""
+    adaptive = config.strategy == "adaptive"
     # Clopper-Pearson is invalid on adaptively stopped counts: no single-scale baselines then.
-    single_scales = {} if adaptive else reduce_single_scales(arrays, sampling.alpha, sampling.p0)
-    for sigma, table in single_scales.items():
+    reduced, _ = reduce_counts(join(out, "counts"), config, asked=asked, single_scales=not adaptive,
+                               hint="run the same command with --resume to sample them")
+    results = reduced.results
+    write_parquet(results, join(out, "results.parquet"))
+    tables = {"cascade " + "/".join(f"{s:g}" for s in config.sigmas): results}
+    for sigma, table in reduced.single_scales.items():
         tables[f"sigma={sigma:g} alone"] = table
-    skipped = []
-    if workload.locations is not None:
-        present = set(arrays.image_ids.tolist())
-        skipped = [workload.locations[i] for i in sorted(workload.locations) if i not in present]
     stopwatch.lap("reduce")
     header = "\n".join([
-        f"# mdds certification report ({request.preset.name})",
+        f"# mdds certification report ({title})",
         "",
-        *[f"- {line}" for line in workload.notes],
-        f"- images: {results.num_rows}; sigmas {list(sampling.sigmas)}; n_select={sampling.n_select}, "
-        f"n={sampling.n}; alpha={sampling.alpha:g} ({sampling.alpha_mode} mode); p0={sampling.p0}; "
-        f"sampling: {sampling.strategy}; routing: {sampling.routing}",
+        *[f"- {line}" for line in notes],
+        f"- images: {results.num_rows}; sigmas {list(config.sigmas)}; n_select={config.n_select}, "
+        f"n={config.n}; alpha={config.image_alpha:g} ({config.alpha_mode} mode); p0={config.p0}; "
+        f"sampling: {config.strategy}; routing: {config.routing}",
         *([f"- target-radius run: each image was only asked whether it is certified at radius "
-           f"{', '.join(f'{r:g}' for r in sampling.target_radii)}; its radius is the largest of these proven "
+           f"{', '.join(f'{r:g}' for r in config.target_radii)}; its radius is the largest of these proven "
            f"(images with none abstain), so certified accuracy is meaningful at these radii only"]
-          if sampling.target_radii else []),
-        f"- {guarantee_line(sampling, request.sampling.alpha, len(workload.image_ids))}",
+          if config.target_radii else []),
+        f"- {guarantee_line(config)}",
         f"- wall time: {stopwatch.summary()}",
         *([f"- skipped unreadable images ({len(skipped)}): {', '.join(skipped)}"] if skipped else []),
     ])
     report, png = render_report(tables, header)
-    write_bytes(join(request.out, "report.md"), report.encode())
-    write_bytes(join(request.out, "certified_accuracy.png"), png)
-    return report
+    write_bytes(join(out, "report.md"), report.encode())
+    write_bytes(join(out, "certified_accuracy.png"), png)
+    return results, report

@@ -8,15 +8,25 @@ from collections.abc import Callable
 
 import fsspec
 
+from pipeline.config import ConfigError
 from pipeline.errors import UserError
 
 EXIT_USER_ERROR = 2
+
+FLAG_NAMES = {
+    "sigmas": "--sigmas", "n_select": "--n-select", "n": "--n", "alpha": "--alpha", "family_wise": "--family-wise",
+    "alpha_mode": "--alpha-mode", "p0": "--p0", "routing": "--routing", "radius_tolerance": "--radius-tolerance",
+    "target_radii": "--target-radius", "seed": "--seed", "adaptive": "--adaptive", "all_scales": "--all-scales",
+    "early_exit": "early exit", "family_size": "the number of images",
+}
+"""The flag each configuration field is set by: a ConfigError names the flags in a job's error line."""
 
 
 def user_error_message(error: BaseException) -> str:
     """First line of the underlying message; Ray wraps errors raised in tasks (RayTaskError.cause)."""
     cause = getattr(error, "cause", None)
-    text = str(cause if isinstance(cause, BaseException) else error).strip()
+    error = cause if isinstance(cause, BaseException) else error
+    text = (error.with_names(FLAG_NAMES) if isinstance(error, ConfigError) else str(error)).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
@@ -27,10 +37,18 @@ def run_main(main: Callable[[], None]) -> None:
     inside them kept main()'s frames (pyarrow tables and datasets among their locals) alive until the
     interpreter's shutdown, where freeing them aborted the process now and then ("terminate called
     without an active exception")."""
+    status = exit_status(main)
+    if status:
+        sys.exit(status)
+
+
+def exit_status(main: Callable[..., object], *args: object) -> int:
+    """Run main(*args) as `run_main` does, but return the exit status (0, or 2 after printing the
+    one-line error) instead of exiting: for jobs whose main(argv) returns it."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     message = None
     try:
-        main()
+        main(*args)
     except UserError as error:
         message = user_error_message(error)
     except Exception as error:  # Ray re-raises task errors as RayTaskError subclasses of the cause
@@ -38,9 +56,10 @@ def run_main(main: Callable[[], None]) -> None:
         if not isinstance(cause, UserError):
             raise
         message = user_error_message(cause)
-    if message is not None:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    if message is None:
+        return 0
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def prepare_out_dir(out: str, overwrite: bool, resume: bool) -> None:

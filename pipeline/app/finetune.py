@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.app.args import add_model_arguments, use_gpu
 from pipeline.app.cli import prepare_out_dir
-from pipeline.app.presets import PRESETS, get_preset, parse_sigmas
+from pipeline.app.presets import get_preset, parse_sigmas
 from pipeline.app.workload import DataOptions, ModelOptions, Workload, build_workload
 from pipeline.errors import UserError
 from pipeline.finetune.loss import LossSettings
@@ -33,7 +33,7 @@ DENOISER_SUBDIR = "denoiser"
 HISTORY_FILE = "history.json"
 ROWS_PER_BLOCK = 512  # training blocks: enough of them for every worker's shard to stream
 
-COMMON_DEFAULTS: dict[str, Any] = {
+FINETUNE_COMMON_DEFAULTS: dict[str, Any] = {
     "lambda_cls": 1.0, "eta_anti": 1.0, "num_denoisings": 2, "recoverable_loss": "ce", "seed": 0,
     "lora_alpha": None, "lora_targets": ",".join(LORA_TARGETS), "denoiser_fit": "pad",
     "precision": "auto", "gradient_checkpointing": "auto",
@@ -42,7 +42,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
 # 52M-parameter improved-diffusion UNet is small enough to train whole. imagenet: the 552M-parameter
 # 256x256 ADM gets LoRA adapters and gradient checkpointing; batch 8 per GPU with M = 2 denoisings is
 # meant to fit an 80 GB GPU in bf16, an estimate not yet measured on one (docs/finetuning.md).
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
     "digits": {"epochs": 8, "batch_size": 32, "lr": 2e-4, "lora_rank": 0, "checkpoint_every": 0,
                "probe_images": 64, "probe_samples": 16},
     "cifar10": {"epochs": 1, "batch_size": 32, "lr": 1e-4, "lora_rank": 0, "checkpoint_every": 500,
@@ -52,8 +52,23 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # Flags that shape the run. argparse leaves them None when not given, so --resume can tell a repeated
 # flag from a changed one.
-RUN_FLAGS = (*COMMON_DEFAULTS, *PRESET_DEFAULTS["digits"], "sigmas", "data", "preprocess", "denoiser",
+RUN_FLAGS = (*FINETUNE_COMMON_DEFAULTS, *FINETUNE_PRESETS["digits"], "sigmas", "data", "preprocess", "denoiser",
              "classifier", "classifier_weights", "classifier_interpolation")
+
+DESCRIPTION = """\
+Fine-tune the diffusion denoiser for the multi-scale cascade with Ray Train (docs/finetuning.md).
+
+The classifier stays frozen; the UNet (or a LoRA adapter on it) learns to denoise so that recoverable
+inputs are classified correctly and non-recoverable ones get denoisings that disagree, which makes the
+smoothed classifier abstain (or fall through to a lower scale) instead of certifying a wrong class.
+Data, denoiser and classifier are given as to the certification jobs; docs/finetuning.md has the
+ImageNet cluster run.
+
+    python jobs/finetune_diffusion.py --num-workers 2                  # digits, CPU, a few minutes
+    python jobs/finetune_diffusion.py --out outputs/finetune-digits --resume --epochs 12
+    python jobs/certify.py --all-scales --denoiser outputs/finetune-digits/denoiser
+    python jobs/finetune_diffusion.py --preset cifar10 --data DIR/cifar-10-batches-py \\
+        --denoiser models/cifar10-improved --classifier hf:models/vit-cifar10 --device cuda"""
 
 EPILOG = """\
 outputs (OUT):
@@ -75,10 +90,10 @@ probe metrics (every epoch, held-out images, fixed noise):
 
 def preset_table() -> str:
     lines = ["preset defaults (each can be overridden by its flag; all presets: "
-             f"--lora-targets {COMMON_DEFAULTS['lora_targets']}, --num-denoisings 2, --lambda-cls 1, "
+             f"--lora-targets {FINETUNE_COMMON_DEFAULTS['lora_targets']}, --num-denoisings 2, --lambda-cls 1, "
              "--eta-anti 1; --precision and --gradient-checkpointing auto = bf16 and on with GPUs):"]
-    for name, d in PRESET_DEFAULTS.items():
-        preset = PRESETS[name]
+    for name, d in FINETUNE_PRESETS.items():
+        preset = get_preset(name)
         lines.append(f"  {name:<9} --sigmas {','.join(f'{s:g}' for s in preset.sigmas)}  --epochs {d['epochs']}  "
                      f"--batch-size {d['batch_size']}  --lr {d['lr']:g}  --lora-rank {d['lora_rank']}  "
                      f"--checkpoint-every {d['checkpoint_every']}  --probe-images {d['probe_images']}  "
@@ -86,10 +101,10 @@ def preset_table() -> str:
     return "\n".join(lines)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str = DESCRIPTION) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, epilog=preset_table() + "\n\n" + EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=tuple(PRESET_DEFAULTS), default="digits",
+    parser.add_argument("--preset", choices=tuple(FINETUNE_PRESETS), default="digits",
                         help="data set and defaults: digits (embedded, models cached on first use), cifar10, "
                              "imagenet (default digits)")
     parser.add_argument("--out", help="local output directory (default outputs/finetune-<preset>)")
@@ -150,7 +165,7 @@ def resolve_flags(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], 
     if "sigmas" in given:
         given["sigmas"] = list(parse_sigmas(given["sigmas"]))
     if not args.resume:
-        defaults = {**COMMON_DEFAULTS, **PRESET_DEFAULTS[args.preset],
+        defaults = {**FINETUNE_COMMON_DEFAULTS, **FINETUNE_PRESETS[args.preset],
                     "sigmas": list(get_preset(args.preset).sigmas)}
         return {name: None for name in RUN_FLAGS} | defaults | given, None
     record_path = out / RUN_RECORD
@@ -296,6 +311,15 @@ def finetune(args: argparse.Namespace) -> Path:
         fs, path = export
         fs.put(str(denoiser_out) + "/", path.rstrip("/") + "/", recursive=True)
     return denoiser_out
+
+
+def finetune_and_report(args: argparse.Namespace) -> str:
+    """`finetune`, then what the job prints: where the denoiser is and the command that certifies with it."""
+    denoiser_out = finetune(args)
+    script = "certify_imagenet.py" if args.preset == "imagenet" else "certify.py"
+    copied = f" (copied to {args.export_to})" if args.export_to else ""
+    return (f"fine-tuned denoiser: {denoiser_out}{copied}\n"
+            f"certify with it:     python jobs/{script} --preset {args.preset} --denoiser {denoiser_out} ...")
 
 
 def export_target(url: str | None) -> tuple[Any, str] | None:

@@ -1,4 +1,4 @@
-"""The predict job: cascaded prediction without a certificate (method.md §5) → predictions.parquet."""
+"""The predict task: cascaded prediction without a certificate (docs/statistics.md) → predictions.parquet."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.app.certify import CertifyRequest, Stopwatch, collect_counts
-from pipeline.store.atomic import write_parquet
-from pipeline.store.run_config import join
 from pipeline.stats.prediction import predict_cascade
+from pipeline.store.atomic import write_parquet
+from pipeline.config import CertifyConfig
+from pipeline.store.counts import CountsArrays, counts_to_arrays
+from pipeline.store.run_config import join
+from pipeline.store.shards import read_shards
 
 PREDICTIONS_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -19,12 +22,11 @@ PREDICTIONS_SCHEMA = pa.schema([
 ])
 
 
-def predict(request: CertifyRequest) -> str:
-    """Sample n votes per image and scale (early exit by the §5 test), predict, write, summarize."""
-    workload, sampling, arrays = collect_counts(request, Stopwatch(), min_select=0)
-    prediction, stage = predict_cascade(arrays.estimate_counts, sampling.alpha)
+def predictions_table(arrays: CountsArrays, config: CertifyConfig) -> pa.Table:
+    """The cascaded prediction of every image of `arrays` (estimation votes, early exit by the test)."""
+    prediction, stage = predict_cascade(arrays.estimate_counts, config.image_alpha)
     decided = stage >= 0
-    table = pa.table(
+    return pa.table(
         [
             pa.array(arrays.image_ids, pa.int64()),
             pa.array(arrays.labels, pa.int64()),
@@ -34,22 +36,33 @@ def predict(request: CertifyRequest) -> str:
         ],
         schema=PREDICTIONS_SCHEMA,
     )
+
+
+def predict(request: CertifyRequest) -> str:
+    """Sample n votes per image and scale (early exit by the prediction test), predict, write, summarize.
+    The request's config has the predict task (request_from_args(args, task="predict"))."""
+    workload, config, _ = collect_counts(request, Stopwatch())
+    arrays = counts_to_arrays(read_shards(join(request.out, "counts")), config.sigmas)
+    table = predictions_table(arrays, config)
     write_parquet(table, join(request.out, "predictions.parquet"))
+    prediction, labels = table["prediction"].to_numpy(), arrays.labels
+    deciding = table["sigma"].to_numpy(zero_copy_only=False)  # NaN where the image abstained
+    decided = prediction >= 0
     lines = [
         f"# mdds cascaded prediction ({request.preset.name})",
         *[f"- {line}" for line in workload.notes],
-        f"- images: {len(prediction)}; sigmas {list(sampling.sigmas)}; n={sampling.n}; "
-        f"alpha={sampling.alpha:g} per stage" + (f" (family-wise: alpha/M over {len(prediction)} images)"
-                                                 if sampling.family_wise else ""),
+        f"- images: {len(prediction)}; sigmas {list(config.sigmas)}; n={config.n}; "
+        f"alpha={config.image_alpha:g} per stage" + (f" (family-wise: alpha/M over {len(prediction)} images)"
+                                                     if config.family_wise else ""),
         "",
         "| deciding sigma | images | accuracy |",
         "|---|---|---|",
     ]
-    for k, sigma in enumerate(arrays.sigmas):
-        here = stage == k
+    for sigma in arrays.sigmas:
+        here = deciding == sigma
         if here.any():
-            lines.append(f"| {sigma:g} | {int(here.sum())} | {100 * np.mean(prediction[here] == arrays.labels[here]):.1f}% |")
+            lines.append(f"| {sigma:g} | {int(here.sum())} | {100 * np.mean(prediction[here] == labels[here]):.1f}% |")
     lines.append(f"| abstain | {int((~decided).sum())} | - |")
-    lines.append(f"\noverall accuracy {100 * np.mean(prediction == arrays.labels):.1f}%, "
+    lines.append(f"\noverall accuracy {100 * np.mean(prediction == labels):.1f}%, "
                  f"abstain rate {100 * np.mean(~decided):.1f}%")
     return "\n".join(lines)

@@ -1,14 +1,15 @@
-"""Named certification settings: the scales, sample sizes and level each data set is run with."""
+"""Dataset presets: the scales, sample sizes, level and images each data set is certified with by default."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.config import check_sigmas
 from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)
-class Preset:
+class DatasetPreset:
     """Defaults for one data set; every field can be overridden by a job flag."""
 
     name: str
@@ -23,10 +24,10 @@ class Preset:
     num_classes: int
 
 
-PRESETS: dict[str, Preset] = {
+DATASET_PRESETS: dict[str, DatasetPreset] = {
     preset.name: preset
     for preset in (
-        Preset(
+        DatasetPreset(
             name="digits",
             description="embedded default: scikit-learn digits 16x16, models trained on first use (offline)",
             # Not the paper's 1.0/0.5/0.25: on 16x16 digits sigma=1.0 leaves ~40% undecided, and an
@@ -40,7 +41,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=1024,
             num_classes=10,
         ),
-        Preset(
+        DatasetPreset(
             name="cifar10",
             description="CIFAR-10 test set (python batches), a diffusers/guided-diffusion DDPM and a timm classifier",
             sigmas=(1.0, 0.5, 0.25),
@@ -52,7 +53,7 @@ PRESETS: dict[str, Preset] = {
             batch_size=2000,
             num_classes=10,
         ),
-        Preset(
+        DatasetPreset(
             name="imagenet",
             description="ImageNet validation class folders, 256x256 guided diffusion and a timm classifier",
             sigmas=(1.0, 0.5, 0.25),
@@ -68,23 +69,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
+def get_preset(name: str) -> DatasetPreset:
     try:
-        return PRESETS[name]
+        return DATASET_PRESETS[name]
     except KeyError:
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(DATASET_PRESETS)}") from None
 
 
 def parse_sigmas(text: str) -> tuple[float, ...]:
-    """'1.0,0.5,0.25' → (1.0, 0.5, 0.25), sorted high to low; rejects junk, duplicates, non-positive."""
+    """'1.0,0.5,0.25' → (1.0, 0.5, 0.25), sorted high to low; junk is refused here, bad values (non-positive,
+    duplicates) by the configuration's one check."""
     try:
         sigmas = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise UserError(f"--sigmas must be comma-separated numbers, got {text!r}") from None
-    if not sigmas:
-        raise UserError("--sigmas is empty")
-    if any(not (s > 0) or s != s or s == float("inf") for s in sigmas):
-        raise UserError(f"--sigmas must all be positive and finite, got {text!r}")
-    if len(set(sigmas)) != len(sigmas):
-        raise UserError(f"--sigmas has duplicates: {text!r}")
-    return tuple(sorted(sigmas, reverse=True))
+    return check_sigmas(sigmas)

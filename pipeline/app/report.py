@@ -23,6 +23,8 @@ def markdown_table(rows: list[dict[str, float | str]]) -> str:
                 cells.append(f"{value:.3f}")
             elif key == "scales/image":
                 cells.append(f"{value:.2f}")
+            elif key == "forwards/image":
+                cells.append(f"{value:.1f}")
             else:
                 cells.append(f"{100 * value:.1f}%")
         lines.append("| " + " | ".join(cells) + " |")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -13,8 +12,9 @@ from pipeline.errors import UserError
 from pipeline.models.classifier import Interpolation
 from pipeline.models.denoiser import DenoiserFit, load_denoiser
 from pipeline.models.precision import Precision
+from pipeline.models.registry import guess_classifier_kind
 from pipeline.models.spec import ModelSpec
-from pipeline.app.presets import Preset
+from pipeline.app.presets import DatasetPreset
 from pipeline.distributed.run import DatasetFor
 
 
@@ -50,10 +50,9 @@ class DataOptions:
 
 # Cohen et al.'s and Carlini et al.'s ImageNet preprocessing (docs/imagenet-cifar.md).
 DEFAULT_PREPROCESS = "resize256-crop224"
-HF_PREFIX = "hf:"
 
 
-def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+def build_workload(preset: DatasetPreset, data: DataOptions, models: ModelOptions) -> Workload:
     """Select the images and check (digits: train on first use) the models, all before Ray starts, so
     first-use training gets every core instead of sharing them with Ray's daemons and workers."""
     if data.skip < 1:
@@ -70,14 +69,12 @@ def build_workload(preset: Preset, data: DataOptions, models: ModelOptions) -> W
     return _external(preset, data, models)
 
 
-def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+def _digits(preset: DatasetPreset, data: DataOptions, models: ModelOptions) -> Workload:
     import ray.data
 
     from pipeline.data.digits import load_digits_split
     from pipeline.models.digits import clean_accuracy, digits_classifier_dir, digits_denoiser_dir
 
-    if models.classifier_interpolation is not None:
-        raise UserError("--classifier-interpolation: the digits classifier runs at the data's size (no resize)")
     if models.denoiser:  # a bad --denoiser fails before the cached models are trained on first use
         load_denoiser(models.denoiser, models.denoiser_fit)
     split = load_digits_split()
@@ -85,10 +82,10 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
                       else (split.test_images, split.test_labels))
     ids = np.arange(len(images))[data.start::data.skip][: data.num_images]
     denoiser_dir = models.denoiser or str(digits_denoiser_dir())
-    kind, classifier_location = (("torchscript", models.classifier) if models.classifier
-                                 else ("digits", str(digits_classifier_dir())))
-    spec = ModelSpec(denoiser_dir, kind, classifier_location, preset.num_classes, in_chans=1,
-                     denoiser_fit=models.denoiser_fit, precision=models.precision)
+    kind, classifier_location = (guess_classifier_kind(models.classifier, models.classifier_weights is not None)
+                                 if models.classifier else ("digits", str(digits_classifier_dir())))
+    spec = ModelSpec(denoiser_dir, kind, classifier_location, preset.num_classes, 1, models.classifier_weights,
+                     models.denoiser_fit, models.classifier_interpolation, models.precision)
     image_shape = tuple(images.shape[1:])
     model_lines = spec.check(image_shape)  # fails fast, in the driver, on a bad --denoiser, fit or cache
     _, classifier = spec.load()
@@ -109,43 +106,17 @@ def _digits(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload
     return Workload(dataset_for, ids, spec, notes)
 
 
-def _model_spec(preset: Preset, models: ModelOptions, in_chans: int) -> ModelSpec:
+def _model_spec(preset: DatasetPreset, models: ModelOptions, in_chans: int) -> ModelSpec:
     if not models.denoiser:
         raise UserError(f"preset {preset.name} needs --denoiser DIR (a diffusers UNet2DModel + DDPMScheduler "
                         "directory; convert guided-diffusion .pt files with jobs/convert_guided_diffusion.py)")
     if not models.classifier:
         raise UserError(f"preset {preset.name} needs --classifier (a timm model name with --classifier-weights, "
-                        "a Hugging Face transformers directory, or a TorchScript .pt file)")
-    kind, location = _classifier_kind(models)
-    if kind == "hf" and models.classifier_weights is not None:
-        raise UserError(f"--classifier-weights: the Hugging Face classifier {location} carries its own weights")
-    if kind == "torchscript" and models.classifier_interpolation is not None:
-        raise UserError("--classifier-interpolation: a TorchScript classifier does its own resizing")
+                        "a Hugging Face transformers directory, a TorchScript .pt file, or "
+                        "py:package.module:function)")
+    kind, location = guess_classifier_kind(models.classifier, models.classifier_weights is not None)
     return ModelSpec(models.denoiser, kind, location, preset.num_classes, in_chans, models.classifier_weights,
                      models.denoiser_fit, models.classifier_interpolation, models.precision)
-
-
-def _classifier_kind(models: ModelOptions) -> tuple[str, str]:
-    """(kind, location) of --classifier: hf:DIR or a directory with config.json (Hugging Face), a
-    .pt/.ts/.jit file without weights (TorchScript), else a timm model name."""
-    classifier = models.classifier
-    if classifier.startswith(HF_PREFIX):
-        return "hf", classifier[len(HF_PREFIX):]
-    if Path(classifier).suffix in {".pt", ".ts", ".jit"} and models.classifier_weights is None:
-        return "torchscript", classifier
-    if _is_hf_directory(classifier):
-        return "hf", classifier
-    return "timm", classifier
-
-
-def _is_hf_directory(location: str) -> bool:
-    """A folder (local or fsspec URL) holding a transformers config.json, as save_pretrained writes it."""
-    import fsspec
-
-    if "://" not in location and not Path(location).is_dir():
-        return False  # a timm model name, not a path
-    fs, path = fsspec.core.url_to_fs(location)
-    return fs.isfile(path.rstrip("/") + "/config.json")
 
 
 def _is_parquet(location: str) -> bool:
@@ -158,7 +129,7 @@ def _is_parquet(location: str) -> bool:
     return fs.isdir(path) and any(name.endswith(".parquet") for name in fs.ls(path, detail=False))
 
 
-def _external(preset: Preset, data: DataOptions, models: ModelOptions) -> Workload:
+def _external(preset: DatasetPreset, data: DataOptions, models: ModelOptions) -> Workload:
     from pipeline.data.cifar10 import cifar10_source
     from pipeline.data.class_folder import class_folder_source
     from pipeline.data.parquet import parquet_image_source

@@ -7,6 +7,10 @@ stage's cells as one shard (store/shards.py) instead of returning them: counts n
 the object store (ImageNet has 1,000 classes per row), a retried batch rewrites the same files, a
 preempted run loses at most one stage of one batch per actor, and a resume can trust any shard it
 finds.
+
+A resumed run's cells already on disk reach the actor per image, as Ray object references
+(`PriorCells`): only the batches holding started images fetch them, and no actor receives the cells
+of every started image in its constructor.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.models.spec import ModelSpec
+from pipeline.config import CertifyConfig
+from pipeline.models.spec import ModelSource
 from pipeline.sampling.kernel import FusedDenoiseClassify
-from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy, sample_totals
+from pipeline.sampling.strategies import BatchCounts, make_strategy, sample_totals
 from pipeline.sampling.votes import FusedVoteSource
 from pipeline.store.counts import counts_table
 from pipeline.store.shards import shard_name, write_shard
@@ -27,18 +32,19 @@ FAIL_ONCE_ENV = "MDDS_INJECT_ACTOR_FAILURE"
 """Fault injection for tests: a marker-file path. The first batch that finds it missing creates it
 and kills its own process mid-run, exercising actor restart and batch retry."""
 
-PriorCells = dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]
-"""image_id → (present (K,), select (K, C), estimate (K, C)) of a resumed image's cells on disk."""
+PriorCells = dict[int, object]
+"""image_id → Ray object reference to (present (K,), select (K, C), estimate (K, C)): a resumed
+image's cells on disk."""
 
 
 class CascadeActor:
     """For a batch of {image_id, label, image}: the strategy's stages, one shard each; returns the rows."""
 
-    def __init__(self, model_spec: ModelSpec, config: SamplingConfig, samples_per_forward: int, counts_dir: str,
+    def __init__(self, models: ModelSource, config: CertifyConfig, batch_size: int, counts_dir: str,
                  shard_metadata: dict[bytes, bytes], prior: PriorCells):
-        denoiser, classifier = model_spec.load()
-        self.fused = FusedDenoiseClassify(denoiser, classifier, model_spec.num_classes,
-                                          batch_size=samples_per_forward, precision=model_spec.precision)
+        denoiser, classifier = models.load()
+        self.fused = FusedDenoiseClassify(denoiser, classifier, models.num_classes, batch_size=batch_size,
+                                          precision=models.precision)
         self.config = config
         self.strategy = make_strategy(config)
         self.counts_dir = counts_dir
@@ -46,10 +52,15 @@ class CascadeActor:
         self.prior = prior
 
     def _counts(self, image_ids: np.ndarray) -> BatchCounts:
+        """The batch's counts so far: zeros, except the cells of resumed images (fetched for this batch only)."""
         counts = BatchCounts.empty(len(image_ids), len(self.config.sigmas), self.fused.num_classes)
-        for row, image_id in enumerate(image_ids.tolist()):
-            if image_id in self.prior:
-                counts.present[row], counts.select[row], counts.estimate[row] = self.prior[image_id]
+        started = [(row, self.prior[image_id]) for row, image_id in enumerate(image_ids.tolist())
+                   if image_id in self.prior]
+        if started:
+            import ray
+
+            for (row, _), cells in zip(started, ray.get([ref for _, ref in started])):
+                counts.present[row], counts.select[row], counts.estimate[row] = cells
         return counts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

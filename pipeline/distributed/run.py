@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import CertifyConfig
 from pipeline.distributed.actor import FAIL_ONCE_ENV, CascadeActor, PriorCells
-from pipeline.models.spec import ModelSpec
-from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy
+from pipeline.models.spec import ModelSource
+from pipeline.sampling.strategies import BatchCounts, make_strategy
 from pipeline.store.counts import counts_to_arrays
 from pipeline.store.shards import read_shards
 
@@ -35,11 +36,11 @@ class ExecutionConfig:
 
     num_actors: int
     images_per_batch: int
-    samples_per_forward: int
+    batch_size: int  # samples per fused forward (--batch-size); in bf16 the counts depend on it
     use_gpu: bool
 
 
-def _on_disk(counts_dir: str, image_ids: np.ndarray, config: SamplingConfig) -> BatchCounts | None:
+def _on_disk(counts_dir: str, image_ids: np.ndarray, config: CertifyConfig) -> BatchCounts | None:
     """The cells of `image_ids` already in `counts_dir` as dense per-image arrays (zeros elsewhere);
     None when there are none."""
     table = rows_of(counts_dir, image_ids)
@@ -57,13 +58,15 @@ def _on_disk(counts_dir: str, image_ids: np.ndarray, config: SamplingConfig) -> 
 def sample_counts(
     dataset_for: DatasetFor,
     image_ids: np.ndarray,
-    model_spec: ModelSpec,
-    config: SamplingConfig,
+    models: ModelSource,
+    config: CertifyConfig,
     execution: ExecutionConfig,
     counts_dir: str,
     shard_metadata: dict[bytes, bytes],
-) -> pa.Table:
-    """Sample every cell the strategy needs that is not on disk yet; returns every counts row of `image_ids`."""
+) -> np.ndarray:
+    """Sample every cell the strategy needs that is not on disk yet; returns the ids of `image_ids` with
+    counts on disk (all of them, unless unreadable images were skipped)."""
+    import ray
     import ray.data
 
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
@@ -74,7 +77,7 @@ def sample_counts(
         pending = make_strategy(config).pending(counts)
         todo = image_ids[pending]
         started = pending & counts.present.any(axis=1)
-        prior: PriorCells = {int(image_ids[r]): (counts.present[r], counts.select[r], counts.estimate[r])
+        prior: PriorCells = {int(image_ids[r]): ray.put((counts.present[r], counts.select[r], counts.estimate[r]))
                              for r in np.flatnonzero(started)}
     print(f"[mdds] {config.strategy}: sampling {len(todo)} image(s) "
           f"({len(image_ids) - len(todo)} already done)", flush=True)
@@ -88,8 +91,7 @@ def sample_counts(
         dataset = dataset_for(todo, min(batches, 4 * execution.num_actors))
         counted = dataset.map_batches(
             CascadeActor,
-            fn_constructor_kwargs=dict(model_spec=model_spec, config=config,
-                                       samples_per_forward=execution.samples_per_forward,
+            fn_constructor_kwargs=dict(models=models, config=config, batch_size=execution.batch_size,
                                        counts_dir=counts_dir, shard_metadata=shard_metadata, prior=prior),
             batch_size=per_batch,
             batch_format="numpy",
@@ -100,7 +102,7 @@ def sample_counts(
         )
         written = sum(int(row["rows"]) for row in counted.iter_rows())
         logger.info("wrote %d counts rows", written)
-    return rows_of(counts_dir, image_ids)
+    return np.unique(rows_of(counts_dir, image_ids)["image_id"].to_numpy())
 
 
 def _forward_env(name: str) -> dict:

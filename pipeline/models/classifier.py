@@ -8,6 +8,7 @@ config): method.md §2a, and Carlini et al. resize to BEiT's 512 with bicubic, a
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -191,6 +192,35 @@ def load_torchscript_classifier(path: str | Path) -> torch.nn.Module:
         return torch.jit.load(str(path), map_location="cpu").eval()
     except RuntimeError as error:
         raise UserError(f"not a TorchScript file: {path} ({str(error).splitlines()[0]})") from error
+
+
+def load_python_classifier(reference: str) -> torch.nn.Module:
+    """The module a user's factory returns: `reference` is "package.module:function", imported by name
+    (on a cluster, on every node: installed, or on PYTHONPATH) and called with no arguments.
+
+    The factory's module must map [0,1] images (N, C, H, W) to logits (N, num_classes), resizing and
+    normalizing inside itself like a TorchScript classifier; it is put in eval mode.
+    """
+    module_name, _, function_name = reference.partition(":")
+    where = f"classifier py:{reference}"
+    if not (all(part.isidentifier() for part in module_name.split(".")) and function_name.isidentifier()):
+        raise UserError(f"{where}: expected py:package.module:function (a factory called with no arguments "
+                        "that returns a torch.nn.Module)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UserError(f"{where}: cannot import {module_name} ({error}); install it or put its folder on "
+                        "PYTHONPATH") from error
+    if not hasattr(module, function_name):
+        raise UserError(f"{where}: module {module_name} has no attribute {function_name}")
+    factory = getattr(module, function_name)
+    if not callable(factory):
+        raise UserError(f"{where}: {module_name}.{function_name} is not callable (type {type(factory).__name__})")
+    classifier = factory()
+    if not isinstance(classifier, torch.nn.Module):
+        raise UserError(f"{where}: {module_name}.{function_name}() returned a {type(classifier).__name__} object, "
+                        "not a torch.nn.Module")
+    return classifier.eval()
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -98,7 +98,7 @@ class GuidedDiffusionConfig:
     rescale_timesteps: bool = False
 
 
-PRESETS: dict[str, GuidedDiffusionConfig] = {
+UNET_ARCHITECTURES: dict[str, GuidedDiffusionConfig] = {
     # openai/guided-diffusion README, 256x256_diffusion_uncond.pt (used by Carlini et al. for ImageNet).
     "imagenet256-uncond": GuidedDiffusionConfig(
         image_size=256,

@@ -1,4 +1,5 @@
-"""Benchmark sections for jobs/benchmark.py: every figure is measured in this process, on this machine.
+"""The benchmark's sections (pipeline/app/benchmark.py runs them): every figure is measured in this
+process, on this machine.
 
 Each section times two ways of doing the same work (same models, same images, same number of
 samples) back to back and reports their ratio, so machine speed and background load largely cancel
@@ -16,27 +17,26 @@ import platform
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive
-from pipeline.sampling.strategies import run_fixed
-from pipeline.stats.sequential_cascade import AdaptiveSettings
-from pipeline.stats.cascade import certify_cascade
-from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy, sample_totals
-from pipeline.perf.flops import flops_per_sample, peak_bf16_flops, utilization
-from pipeline.sampling.kernel import FusedDenoiseClassify
-from pipeline.models.spec import ModelSpec
-from pipeline.sampling.noise import Phase
-from pipeline.store.results import results_table
-from pipeline.perf.reference_loop import reference_counts
-from pipeline.store.metrics import REPORT_RADII, average_certified_radius, certified_accuracy
+from pipeline.config import CertifyConfig
 from pipeline.errors import UserError
+from pipeline.models.spec import ModelSpec
+from pipeline.perf.flops import flops_per_sample, peak_bf16_flops, utilization
+from pipeline.perf.reference_loop import reference_counts
+from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive
+from pipeline.sampling.kernel import FusedDenoiseClassify
+from pipeline.sampling.noise import Phase
+from pipeline.sampling.strategies import BatchCounts, make_strategy, run_fixed, sample_totals
 from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource
+from pipeline.stats.cascade import certify_cascade
+from pipeline.store.metrics import REPORT_RADII, average_certified_radius, certified_accuracy
+from pipeline.store.results import results_table
 
 T = TypeVar("T")
 
@@ -63,37 +63,37 @@ def machine_info(device: torch.device) -> dict:
 
 
 @dataclass(frozen=True)
-class Workload:
-    """The images every section uses: the first `num_images` of the digits test split."""
+class BenchmarkImages:
+    """The images a section measures on, and the settings both of its ways certify them with.
+
+    `config` is the fixed-n early-exit run every section starts from; sections that compare other
+    strategies (all scales, adaptive) derive theirs from it with `CertifyConfig.replace`."""
 
     images: np.ndarray
     image_ids: np.ndarray
     labels: np.ndarray
-    sigmas: tuple[float, ...]
-    n_select: int
-    n: int
-    alpha: float
-    seed: int
+    config: CertifyConfig
 
-    def subset(self, count: int) -> Workload:
-        return Workload(self.images[:count], self.image_ids[:count], self.labels[:count], self.sigmas,
-                        self.n_select, self.n, self.alpha, self.seed)
+    def subset(self, count: int) -> BenchmarkImages:
+        return replace(self, images=self.images[:count], image_ids=self.image_ids[:count],
+                       labels=self.labels[:count])
 
     @property
     def samples(self) -> dict[Phase, int]:
-        return {Phase.SELECT: self.n_select, Phase.ESTIMATE: self.n}
+        return sample_totals(self.config)
 
     @property
     def all_scales_samples(self) -> int:
-        return len(self.images) * len(self.sigmas) * (self.n_select + self.n)
+        return len(self.images) * len(self.config.sigmas) * (self.config.n_select + self.config.n)
 
 
-def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_batch: int, repeats: int,
+def fused_vs_reference(fused: FusedDenoiseClassify, work: BenchmarkImages, reference_batch: int, repeats: int,
                        tuned: FusedDenoiseClassify | None = None) -> dict:
     """All scales of every image by the reference loop, the fused step and (optionally) a tuned copy
     of it (pipeline/perf/tuning.py: torch.compile). Each repeat times every variant back
     to back, and the speed-up is the median of the per-repeat time ratios, so that a change of
     background load between repeats cancels."""
+    config = work.config
     # Own fp32, contiguous-layout (NCHW) copies, as the reference code runs: the fused step switched its
     # models to channels_last.
     denoiser = copy.deepcopy(fused.denoiser).to(memory_format=torch.contiguous_format)
@@ -101,25 +101,25 @@ def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_ba
 
     def reference(images: np.ndarray, sigmas, samples: dict[Phase, int]) -> dict[Phase, np.ndarray]:
         return reference_counts(denoiser, classifier, images, sigmas, samples.get(Phase.SELECT, 1),
-                                samples[Phase.ESTIMATE], reference_batch, fused.num_classes, fused.device, work.seed)
+                                samples[Phase.ESTIMATE], reference_batch, fused.num_classes, fused.device, config.seed)
 
     variants = {"reference": reference}
     for name, step in (("fused", fused), ("tuned", tuned)):
         if step is not None:
             variants[name] = lambda images, sigmas, samples, step=step: step.count(
-                images, work.image_ids[: len(images)], sigmas, samples, work.seed)
+                images, work.image_ids[: len(images)], sigmas, samples, config.seed)
     # Warm-up on one image: allocator growth, kernel selection and (tuned) compilation.
-    warm_up_s = {name: timed(lambda run=run: run(work.images[:1], work.sigmas[:1], {Phase.ESTIMATE: 64}),
+    warm_up_s = {name: timed(lambda run=run: run(work.images[:1], config.sigmas[:1], {Phase.ESTIMATE: 64}),
                              fused.device)[1] for name, run in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     counts = {}
     for _ in range(repeats):
         for name, run in variants.items():
-            counts[name], seconds = timed(lambda run=run: run(work.images, work.sigmas, work.samples), fused.device)
+            counts[name], seconds = timed(lambda run=run: run(work.images, config.sigmas, work.samples), fused.device)
             times[name].append(seconds)
     samples = work.all_scales_samples
     result = {
-        "images": len(work.images), "sigmas": list(work.sigmas), "n_select": work.n_select, "n": work.n,
+        "images": len(work.images), "sigmas": list(config.sigmas), "n_select": config.n_select, "n": config.n,
         "samples": samples, "fused_batch_size": fused.batch_size, "reference_batch_size": reference_batch,
         "times_s": times, "warm_up_s": warm_up_s,
         "_fused_counts": counts["fused"],
@@ -138,31 +138,32 @@ def fused_vs_reference(fused: FusedDenoiseClassify, work: Workload, reference_ba
     return result
 
 
-def raw_fused(fused: FusedDenoiseClassify, work: Workload) -> tuple[dict[Phase, np.ndarray], float]:
+def raw_fused(fused: FusedDenoiseClassify, work: BenchmarkImages) -> tuple[dict[Phase, np.ndarray], float]:
     """All scales of every image by the fused step in this process (after a one-image warm-up): the
     baseline the Ray pipeline is held to, without the reference loop's cost."""
-    timed(lambda: fused.count(work.images[:1], work.image_ids[:1], work.sigmas[:1], {Phase.ESTIMATE: 64}, work.seed),
+    sigmas, seed = work.config.sigmas, work.config.seed
+    timed(lambda: fused.count(work.images[:1], work.image_ids[:1], sigmas[:1], {Phase.ESTIMATE: 64}, seed),
           fused.device)
-    return timed(lambda: fused.count(work.images, work.image_ids, work.sigmas, work.samples, work.seed), fused.device)
+    return timed(lambda: fused.count(work.images, work.image_ids, sigmas, work.samples, seed), fused.device)
 
 
-def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: dict[Phase, np.ndarray],
+def early_exit(fused: FusedDenoiseClassify, work: BenchmarkImages, all_scales_counts: dict[Phase, np.ndarray],
                all_scales_s: float) -> dict:
     """The early-exit strategy the actors run (sampling/strategies.py) on the same images and noise:
-    each scale only for the images the routing sends there (method.md §4)."""
-    config = SamplingConfig(tuple(work.sigmas), work.n_select, work.n, work.seed, work.alpha, "union", 0.5)
+    each scale only for the images the routing sends there (docs/statistics.md)."""
+    config = work.config
     strategy = make_strategy(config)
-    counts = BatchCounts.empty(len(work.images), len(work.sigmas), fused.num_classes)
-    source = FusedVoteSource(fused, work.images, work.image_ids, work.sigmas, sample_totals(config), work.seed)
+    counts = BatchCounts.empty(len(work.images), len(config.sigmas), fused.num_classes)
+    source = FusedVoteSource(fused, work.images, work.image_ids, config.sigmas, work.samples, config.seed)
 
     def staged() -> list[int]:
         return [int(filled.sum()) for filled in strategy.sample(source, counts)]
 
     sampled, seconds = timed(staged, fused.device)
-    early = certify_cascade(counts.select, counts.estimate, work.sigmas, work.alpha, "union")
-    full = certify_cascade(all_scales_counts[Phase.SELECT], all_scales_counts[Phase.ESTIMATE], work.sigmas,
-                           work.alpha, "union")
-    passes = sum(sampled) * (work.n_select + work.n)
+    early = certify_cascade(counts.select, counts.estimate, config.sigmas, config.rule)
+    full = certify_cascade(all_scales_counts[Phase.SELECT], all_scales_counts[Phase.ESTIMATE], config.sigmas,
+                           config.rule)
+    passes = sum(sampled) * (config.n_select + config.n)
     return {
         "images_sampled_per_stage": sampled,
         "forward_passes_early_exit": passes,
@@ -176,8 +177,9 @@ def early_exit(fused: FusedDenoiseClassify, work: Workload, all_scales_counts: d
     }
 
 
-def ray_pipeline(spec: ModelSpec, work: Workload, batch_size: int, use_gpu: bool, raw_counts: dict[Phase, np.ndarray],
-                 raw_s: float, workdir: Path, actor_counts: Sequence[int] = (1, 2)) -> dict:
+def ray_pipeline(spec: ModelSpec, work: BenchmarkImages, batch_size: int, use_gpu: bool,
+                 raw_counts: dict[Phase, np.ndarray], raw_s: float, workdir: Path,
+                 actor_counts: Sequence[int] = (1, 2)) -> dict:
     """pipeline.distributed.run.sample_counts (all scales, one Ray Data pass) vs the raw fused step's time.
 
     Ray's own start-up (ray.init) is timed and excluded; everything after it (dataset execution,
@@ -187,29 +189,28 @@ def ray_pipeline(spec: ModelSpec, work: Workload, batch_size: int, use_gpu: bool
     import ray.data
 
     from pipeline.distributed.ray_init import init_ray
+    from pipeline.distributed.run import ExecutionConfig, rows_of, sample_counts
     from pipeline.store.counts import counts_to_arrays
-    from pipeline.distributed.run import ExecutionConfig, sample_counts
-    from pipeline.sampling.strategies import SamplingConfig
 
     _, startup_s = timed(init_ray, torch.device("cpu"))
 
-    def run(actors: int, n_select: int, n: int, name: str) -> tuple[object, float]:
+    def run(actors: int, n_select: int, n: int, name: str) -> float:
         rows = {int(i): (int(y), x) for i, y, x in zip(work.image_ids, work.labels, work.images)}
 
         def dataset_for(todo: np.ndarray, num_blocks: int):
             return ray.data.from_items([{"image_id": int(i), "label": rows[int(i)][0], "image": rows[int(i)][1]}
                                         for i in todo], override_num_blocks=num_blocks)
 
-        sampling = SamplingConfig(tuple(work.sigmas), n_select, n, work.seed, work.alpha, "union", 0.5, "all_scales")
+        config = work.config.replace(n_select=n_select, n=n, strategy="all_scales")
         execution = ExecutionConfig(actors, max(1, len(work.images) // 4), batch_size, use_gpu)
-        return timed(lambda: sample_counts(dataset_for, work.image_ids, spec, sampling, execution,
-                                           str(workdir / name), {}), torch.device("cpu"))
+        return timed(lambda: sample_counts(dataset_for, work.image_ids, spec, config, execution,
+                                           str(workdir / name), {}), torch.device("cpu"))[1]
 
-    _, overhead_s = run(1, 1, 1, "overhead")
+    overhead_s = run(1, 1, 1, "overhead")
     runs = {}
     for actors in actor_counts:
-        table, seconds = run(actors, work.n_select, work.n, f"actors-{actors}")
-        arrays = counts_to_arrays(table)
+        seconds = run(actors, work.config.n_select, work.config.n, f"actors-{actors}")
+        arrays = counts_to_arrays(rows_of(str(workdir / f"actors-{actors}"), work.image_ids), work.config.sigmas)
         runs[actors] = {
             "seconds": seconds,
             "samples_per_s": work.all_scales_samples / seconds,
@@ -242,8 +243,8 @@ def flops_section(fused: FusedDenoiseClassify, sample_shape: tuple[int, ...], si
             **utilization(flops_per_sample(fused, sample_shape, sigma), samples_per_s, peak)}
 
 
-def _accuracy(outcome: SamplingOutcome, work: Workload, radii: Sequence[float] = REPORT_RADII) -> dict:
-    table = results_table(work.image_ids, work.labels, outcome.result, np.asarray(work.sigmas))
+def _accuracy(outcome: SamplingOutcome, work: BenchmarkImages, radii: Sequence[float] = REPORT_RADII) -> dict:
+    table = results_table(work.image_ids, work.labels, outcome.result, np.asarray(work.config.sigmas))
     return {
         "certified_accuracy": {f"{r:g}": certified_accuracy(table, r) for r in radii},
         # the unit of "within 1 image": certified accuracy × images
@@ -251,11 +252,11 @@ def _accuracy(outcome: SamplingOutcome, work: Workload, radii: Sequence[float] =
         "acr": average_certified_radius(table),
         "forward_passes": outcome.forward_passes,
         "deciding_stage_counts": {str(s): int(np.sum(outcome.result.stage == s))
-                                  for s in range(-1, len(work.sigmas))},
+                                  for s in range(-1, len(work.config.sigmas))},
     }
 
 
-def _run_summary(outcome: SamplingOutcome, work: Workload, radii: Sequence[float], fixed_passes: int,
+def _run_summary(outcome: SamplingOutcome, work: BenchmarkImages, radii: Sequence[float], fixed_passes: int,
                  seconds_per_forward: float) -> dict:
     """Accuracy, forward passes, how many times fewer than fixed n, and the wall time those passes take."""
     return {**_accuracy(outcome, work, radii), "rounds": outcome.rounds,
@@ -264,7 +265,7 @@ def _run_summary(outcome: SamplingOutcome, work: Workload, radii: Sequence[float
             "estimation_samples": outcome.estimate_counts.sum(axis=2).tolist()}
 
 
-def _fixed_votes(source: CachedVoteSource, work: Workload, device: torch.device,
+def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, device: torch.device,
                  vote_cache: Path | None) -> tuple[SamplingOutcome, float, str]:
     """The fixed-n run (the baseline every adaptive run shares its votes with) and its wall time.
 
@@ -272,28 +273,28 @@ def _fixed_votes(source: CachedVoteSource, work: Workload, device: torch.device,
     the measured wall time of the fixed run that drew them) and the votes drawn now are saved there:
     the fixed n = 10,000 run on 100 images is ~1M forward passes, which on a shared 2-core machine is
     hours, and the adaptive rules can then be re-evaluated on exactly the same votes."""
-    settings = {"images": len(work.images), "sigmas": list(work.sigmas), "n_select": work.n_select, "n": work.n,
-                "seed": work.seed, "alpha": work.alpha}
+    config = work.config
+    settings = {"images": len(work.images), "sigmas": list(config.sigmas), "n_select": config.n_select, "n": config.n,
+                "seed": config.seed, "alpha": config.alpha}
     record = vote_cache.with_name(vote_cache.name + ".json") if vote_cache is not None else None
     if record is not None and record.is_file():
         stored = json.loads(record.read_text())
         if stored["settings"] != settings:
             raise UserError(f"{vote_cache} holds votes for other settings: {stored['settings']} (now {settings})")
         source.load(vote_cache)
-        fixed = run_fixed(source, len(work.images), work.sigmas, work.n_select, work.n, work.alpha)
+        fixed = run_fixed(source, len(work.images), config)
         return fixed, stored["fixed_wall_s"], f"measured when {vote_cache.name} was filled"
-    fixed, seconds = timed(lambda: run_fixed(source, len(work.images), work.sigmas, work.n_select, work.n,
-                                             work.alpha), device)
+    fixed, seconds = timed(lambda: run_fixed(source, len(work.images), config), device)
     if record is not None:
         source.save(vote_cache)
         record.write_text(json.dumps({"settings": settings, "fixed_wall_s": seconds}, indent=2))
     return fixed, seconds, "measured"
 
 
-def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolerance: float,
+def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: BenchmarkImages, radius_tolerance: float,
                       tolerance_sweep: Sequence[float] = (), target_radii: Sequence[float] = (0.25, 0.5, 0.75),
                       vote_cache: Path | None = None) -> dict:
-    """Fixed n (= work.n, early exit, Clopper-Pearson) vs adaptive sampling up to n_max = work.n:
+    """Fixed n (work.config: early exit, Clopper-Pearson) vs adaptive sampling up to n_max = the same n:
     the general mode, and target-radius runs for each R alone and for all of them together.
 
     All runs draw from one chunk cache over the same counter-seeded noise: the fixed run is timed;
@@ -301,15 +302,15 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolera
     (counted by the sampler) and its wall time is estimated from the fixed run's time per forward.
     `tolerance_sweep` reruns the general rule at other radius tolerances on the same votes.
     """
-    source = CachedVoteSource(FusedVoteSource(fused, work.images, work.image_ids, work.sigmas,
-                                              work.samples, work.seed))
+    config = work.config
+    source = CachedVoteSource(FusedVoteSource(fused, work.images, work.image_ids, config.sigmas, work.samples,
+                                              config.seed))
     count = len(work.images)
     fixed, fixed_s, fixed_s_source = _fixed_votes(source, work, fused.device, vote_cache)
     per_forward_s = fixed_s / fixed.forward_passes
 
     def adaptive(**options) -> SamplingOutcome:
-        return run_adaptive(source, count, AdaptiveSettings(tuple(work.sigmas), work.n_select, work.n, work.alpha,
-                                                            **options))
+        return run_adaptive(source, count, config.replace(strategy="adaptive", **options))
 
     general = adaptive(radius_tolerance=radius_tolerance)
     targets = {f"{r:g}": adaptive(target_radii=(r,)) for r in target_radii}
@@ -324,7 +325,7 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: Workload, radius_tolera
     if vote_cache is not None:
         source.save(vote_cache)  # with the chunks only adaptive runs drew
     return {
-        "images": count, "n_max": work.n, "n_select": work.n_select, "alpha": work.alpha,
+        "images": count, "n_max": config.n, "n_select": config.n_select, "alpha": config.alpha,
         "radius_tolerance": radius_tolerance, "target_radii": list(target_radii),
         "fixed": {**_accuracy(fixed, work, radii), "wall_s": fixed_s, "wall_s_source": fixed_s_source},
         "adaptive": summary(general),

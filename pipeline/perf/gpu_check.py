@@ -21,7 +21,7 @@ from pipeline.perf.tuning import batch_size_for_memory, compile_predict
 from pipeline.models.classifier import NormalizedClassifier
 from pipeline.models.denoiser import OneShotDenoiser, denoiser_from_parts
 from pipeline.models.guided_diffusion import (
-    PRESETS,
+    UNET_ARCHITECTURES,
     CheckpointLayout,
     GuidedDiffusionConfig,
     diffusers_unet_config,
@@ -85,7 +85,7 @@ class GpuCheckSettings:
 def run_gpu_check(settings: GpuCheckSettings, device: torch.device) -> dict:
     """Build the models, size the batch, warm up (and compile), then time whole batches of samples."""
     started = time.perf_counter()
-    unet_config = TINY_UNET if settings.tiny else PRESETS["imagenet256-uncond"]
+    unet_config = TINY_UNET if settings.tiny else UNET_ARCHITECTURES["imagenet256-uncond"]
     denoiser = guided_denoiser(unet_config, device)
     classifier = timm_classifier("resnet10t" if settings.tiny else settings.classifier,
                                  32 if settings.tiny else 224, device)
@@ -144,7 +144,7 @@ def run_finetune_memory_check(settings: FinetuneMemorySettings, device: torch.de
     from pipeline.finetune.weights import LoraSettings, trainable_unet
     from pipeline.models.precision import autocast
 
-    unet_config = TINY_UNET if settings.tiny else PRESETS["imagenet256-uncond"]
+    unet_config = TINY_UNET if settings.tiny else UNET_ARCHITECTURES["imagenet256-uncond"]
     denoiser = guided_denoiser(unet_config, device)
     if settings.gradient_checkpointing:
         denoiser.unet.enable_gradient_checkpointing()

@@ -14,8 +14,9 @@ import numpy as np
 from pipeline.sampling.kernel import VoteRequests
 from pipeline.sampling.noise import NOISE_CHUNK, Phase
 from pipeline.sampling.votes import VoteSource
+from pipeline.config import CertifyConfig
 from pipeline.stats.cascade import CascadeResult
-from pipeline.stats.sequential_cascade import DONE, NEXT, AdaptiveSettings, certify_cascade_sequential, round_status
+from pipeline.stats.sequential_cascade import DONE, NEXT, certify_cascade_sequential, round_status
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,12 @@ def round_ends(n_max: int, first_round: int = 64, growth: float = 1.2) -> np.nda
     return np.array([*ends, n_max], dtype=np.int64)
 
 
-def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings) -> SamplingOutcome:
-    """Sample every image through the cascade in rounds; every round is one `source.votes` call
-    covering all images still sampling, whatever scale each has reached."""
-    num_scales, num_classes = len(settings.sigmas), source.num_classes
-    ends = round_ends(settings.n_max, settings.first_round, settings.growth)
+def run_adaptive(source: VoteSource, num_images: int, config: CertifyConfig, first_round: int = 64,
+                 growth: float = 1.2) -> SamplingOutcome:
+    """Sample every image through the cascade in rounds (`round_ends`); every round is one
+    `source.votes` call covering all images still sampling, whatever scale each has reached."""
+    num_scales, num_classes = len(config.sigmas), source.num_classes
+    ends = round_ends(config.n, first_round, growth)
     select = np.zeros((num_images, num_scales, num_classes), dtype=np.int64)
     estimate = np.zeros_like(select)
     stage = np.zeros(num_images, dtype=np.int64)  # the stage each image is deciding
@@ -72,7 +74,7 @@ def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings
             VoteRequests(rows, target[rows], np.full(len(rows), int(Phase.ESTIMATE)),
                          np.where(drawn == 0, 0, ends[np.maximum(drawn - 1, 0)]), ends[drawn]),
             VoteRequests(fresh, target[fresh], np.full(len(fresh), int(Phase.SELECT)),
-                         np.zeros(len(fresh)), np.full(len(fresh), settings.n_select)),
+                         np.zeros(len(fresh)), np.full(len(fresh), config.n_select)),
         ])
         votes = source.votes(requests)
         estimate[rows, target[rows]] += votes[: len(rows)]
@@ -82,7 +84,7 @@ def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings
         deciding = stage[rows]  # images that move on below start the next stage next round
         for k in np.unique(deciding):
             at_stage = rows[deciding == k]
-            status, next_target = round_status(select[at_stage], estimate[at_stage], int(k), settings)
+            status, next_target = round_status(select[at_stage], estimate[at_stage], int(k), config)
             target[at_stage] = next_target
             moving = at_stage[status == NEXT]
             active[at_stage[status == DONE]] = False
@@ -90,6 +92,5 @@ def run_adaptive(source: VoteSource, num_images: int, settings: AdaptiveSettings
                 active[moving] = False
             else:
                 stage[moving] = target[moving] = k + 1
-    result = certify_cascade_sequential(select, estimate, settings.sigmas, settings.alpha, settings.p0,
-                                        settings.routing, settings.target_radii)
+    result = certify_cascade_sequential(select, estimate, config.sigmas, config.rule, config.target_radii)
     return SamplingOutcome(result, select, estimate, rounds)

@@ -1,9 +1,9 @@
 """Sampling strategies: which (image, scale) cells of one batch get votes, decided inside the batch.
 
-A strategy is resolved once from the run's settings (`make_strategy`) and then owns every mode
-decision: nothing else asks whether a run is early-exit, all-scales, adaptive or predict.
+A strategy is resolved once from the run's configuration (`make_strategy`) and then owns every
+sampling decision: nothing else asks whether a run samples early-exit, all-scales or adaptively.
 
-- `EarlyExit` (certify, and predict with the §5 test): scale 1 for every image of the batch, then
+- `EarlyExit` (the certify task, and the predict task with its prediction test): scale 1 for every image of the batch, then
   the routing rule (pipeline/stats, per image, from that image's own counts) picks the images that
   need scale 2, and so on. Each image's decision needs only its own counts because the levels
   depend only on the number of scales.
@@ -21,39 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.config import CertifyConfig
 from pipeline.sampling.adaptive import SamplingOutcome, run_adaptive
 from pipeline.sampling.kernel import VoteRequests
 from pipeline.sampling.noise import Phase
 from pipeline.sampling.votes import VoteSource
-from pipeline.stats.cascade import AlphaMode, Routing, certify_cascade, needs_next_stage
+from pipeline.stats.cascade import certify_cascade, needs_next_stage
 from pipeline.stats.prediction import predict_cascade
-from pipeline.stats.sequential_cascade import AdaptiveSettings
-
-StrategyName = Literal["early_exit", "all_scales", "adaptive", "predict"]
-STRATEGIES: tuple[StrategyName, ...] = ("early_exit", "all_scales", "adaptive", "predict")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Everything that determines the counts; a resume must use the same values."""
-
-    sigmas: tuple[float, ...]
-    n_select: int
-    n: int  # adaptive: n_max
-    seed: int
-    alpha: float  # the per-image level the sampling routes with (family-wise runs pass alpha / M)
-    alpha_mode: AlphaMode
-    p0: float
-    strategy: StrategyName = "early_exit"
-    routing: Routing = "cascade"
-    radius_tolerance: float = 0.05  # adaptive only
-    family_wise: bool = False  # alpha above is the user's alpha / M (recorded so a resume and a reduce see it)
-    target_radii: tuple[float, ...] = ()  # adaptive only: certify these radii (empty: general mode)
 
 
 @dataclass
@@ -145,13 +123,13 @@ class Adaptive:
     """Rounds until settled; an image's cells are written together once it stops, so an image with
     any cell on disk is done."""
 
-    settings: AdaptiveSettings
+    config: CertifyConfig
 
     def sample(self, source: VoteSource, counts: BatchCounts) -> Iterator[np.ndarray]:
         rows = np.flatnonzero(self.pending(counts))
         if rows.size == 0:
             return
-        outcome = run_adaptive(_RowSubset(source, rows), len(rows), self.settings)
+        outcome = run_adaptive(_RowSubset(source, rows), len(rows), self.config)
         counts.select[rows], counts.estimate[rows] = outcome.select_counts, outcome.estimate_counts
         filled = np.zeros_like(counts.present)
         filled[rows] = outcome.consulted
@@ -192,41 +170,36 @@ def _mask(counts: BatchCounts, rows: np.ndarray, stages: np.ndarray) -> np.ndarr
     return mask
 
 
-def sample_totals(config: SamplingConfig) -> dict[Phase, int]:
+def sample_totals(config: CertifyConfig) -> dict[Phase, int]:
     """Samples per phase that fix the noise chunks (the adaptive estimation phase runs up to n_max)."""
     return {Phase.SELECT: config.n_select, Phase.ESTIMATE: config.n}
 
 
-def make_strategy(config: SamplingConfig) -> Strategy:
-    """The strategy for a run's settings: the only place the mode flags are read."""
+def make_strategy(config: CertifyConfig) -> Strategy:
+    """The strategy for a run's configuration: the only place its task and strategy pick the sampling."""
     num_scales = len(config.sigmas)
-    if config.strategy == "all_scales":
-        return AllScales(config.n_select, config.n)
-    if config.strategy == "adaptive":
-        return Adaptive(AdaptiveSettings(tuple(config.sigmas), config.n_select, config.n, config.alpha,
-                                         config.p0, config.radius_tolerance, routing=config.routing,
-                                         target_radii=tuple(config.target_radii)))
-    if config.strategy == "predict":
+    if config.task == "predict":
         def predict_rule(counts: BatchCounts, rows: np.ndarray, stage: int) -> np.ndarray:
-            _, decided_stage = predict_cascade(counts.estimate[rows, :stage], config.alpha)
+            _, decided_stage = predict_cascade(counts.estimate[rows, :stage], config.image_alpha)
             return decided_stage < 0
 
         return EarlyExit(num_scales, 0, config.n, predict_rule)
-    if config.strategy == "early_exit":
-        def certify_rule(counts: BatchCounts, rows: np.ndarray, stage: int) -> np.ndarray:
-            return needs_next_stage(counts.select[rows, :stage], counts.estimate[rows, :stage], num_scales,
-                                    config.alpha, config.alpha_mode, config.p0, config.routing)
+    if config.strategy == "all_scales":
+        return AllScales(config.n_select, config.n)
+    if config.strategy == "adaptive":
+        return Adaptive(config)
 
-        return EarlyExit(num_scales, config.n_select, config.n, certify_rule)
-    raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}, got {config.strategy!r}")
+    def certify_rule(counts: BatchCounts, rows: np.ndarray, stage: int) -> np.ndarray:
+        return needs_next_stage(counts.select[rows, :stage], counts.estimate[rows, :stage], num_scales, config.rule)
+
+    return EarlyExit(num_scales, config.n_select, config.n, certify_rule)
 
 
-def run_fixed(source: VoteSource, num_images: int, sigmas: Sequence[float], n_select: int, n: int, alpha: float,
-              p0: float = 0.5, routing: Routing = "cascade") -> SamplingOutcome:
-    """The fixed-n early-exit cascade (union mode) over `source`, as the actors run it: the baseline
+def run_fixed(source: VoteSource, num_images: int, config: CertifyConfig) -> SamplingOutcome:
+    """The fixed-n early-exit cascade of `config` over `source`, as the actors run it: the baseline
     adaptive sampling is measured against, on the same noise chunks. `rounds` counts the stages sampled."""
-    config = SamplingConfig(tuple(sigmas), n_select, n, 0, alpha, "union", p0, routing=routing)
-    counts = BatchCounts.empty(num_images, len(sigmas), source.num_classes)
+    config = config.replace(strategy="early_exit", target_radii=(), routing=config.routing)
+    counts = BatchCounts.empty(num_images, len(config.sigmas), source.num_classes)
     stages = sum(1 for _ in make_strategy(config).sample(source, counts))
-    result = certify_cascade(counts.select, counts.estimate, sigmas, alpha, "union", p0, routing)
+    result = certify_cascade(counts.select, counts.estimate, config.sigmas, config.rule)
     return SamplingOutcome(result, counts.select, counts.estimate, stages)

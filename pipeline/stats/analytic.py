@@ -67,9 +67,9 @@ class IntervalCascade:
     ball of radius r maps onto (u-r, u+r)), so the line loses no generality for radii.
 
     Different boundaries per stage make a lower scale classify an input that a higher one is unsure
-    about, so certificates at later stages, and the caps of §4, occur. ``orders`` (optional) names the
-    class of each interval per stage (a permutation of 0..C-1; default 0..C-1 left to right), so that
-    e.g. stage 1 reads B | A | C while the lower stages read A | B | C.
+    about, so certificates at later stages, and the caps of the cascade, occur. ``orders`` (optional)
+    names the class of each interval per stage (a permutation of 0..C-1; default 0..C-1 left to
+    right), so that e.g. stage 1 reads B | A | C while the lower stages read A | B | C.
 
     The population cascade G(u): the first stage k with some class probability > 1/2 outputs that
     class; if none does, G abstains (-1). ``true_radius`` is the radius of the largest open interval
@@ -117,7 +117,7 @@ class IntervalCascade:
         return np.where(decided.any(axis=1), prediction, -1)
 
     def population_certificate(self, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The §4 certificate computed from the exact probabilities (the n → ∞ limit of the
+        """The capped certificate computed from the exact probabilities (the n → ∞ limit of the
         cascade): class (-1 = abstain) and radius sigma_k(Φ⁻¹ p_k(ĉ) - Φ⁻¹ p0) capped by
         sigma_j(Φ⁻¹ p0 - Φ⁻¹ max_{c≠ĉ} p_j(c)) for the earlier stages j."""
         probabilities = self.probabilities(u)
@@ -174,8 +174,8 @@ class IntervalCascade:
 
 
 def example_cascade() -> IntervalCascade:
-    """Three scales (1.0, 0.5, 0.25), four classes, laid out so that every branch of §4 occurs at the
-    inputs of ``EXAMPLE_CASCADE_INPUTS``; at most of them the n → ∞ certificate equals the true
+    """Three scales (1.0, 0.5, 0.25), four classes, laid out so that every branch of the cascade occurs at
+    the inputs of ``EXAMPLE_CASCADE_INPUTS``; at most of them the n → ∞ certificate equals the true
     radius, so any over-claim by the finite-sample cascade shows up as a violation."""
     return IntervalCascade(
         sigmas=(1.0, 0.5, 0.25),
@@ -227,7 +227,8 @@ def boundary_cascade() -> IntervalCascade:
 
 
 def routing_cases() -> list[tuple[str, IntervalCascade, float]]:
-    """(name, model, input u) where routing and the ingredients of method.md §4a matter:
+    """(name, model, input u) where routing and the ingredients of the union split matter (exact caps,
+    alpha split; docs/statistics.md, "The α split"):
 
     - ``line_cascade(0.66)`` at 0: sigma 1.0 undecided (A at 0.491), so the published rule abstains,
       while continue/best certify A at sigma 0.5 with the cap from sigma 1.0 binding (true radius 0.66);

@@ -1,7 +1,8 @@
-"""Confidence bounds on vote counts (method.md §3-§4), vectorized over images.
+"""Confidence bounds on vote counts (docs/statistics.md: "One scale (Cohen et al.)", "The cascade and
+its caps"), vectorized over images.
 
-Everything here is pure numpy/scipy so that the statistics can be read against method.md and tested
-exhaustively without a model. Every ``level`` is a *one-sided miss probability*: the returned bound is
+Everything here is pure numpy/scipy so that the statistics can be read against docs/statistics.md and
+tested exhaustively without a model. Every ``level`` is a *one-sided miss probability*: the returned bound is
 on the wrong side of the true probability with probability at most ``level``. Clopper-Pearson and the
 per-class family built from it are exact (the miss probability is at most ``level`` for every n and p,
 by the binomial law); Goodman is a chi-square approximation, kept only for the reference mode.
@@ -71,7 +72,8 @@ def clopper_pearson_upper(
 
 
 def class_upper_family(counts: np.ndarray, level: np.ndarray | float) -> np.ndarray:
-    """Exact simultaneous upper bounds on every class's probability (method.md §4a): (M, C).
+    """Exact simultaneous upper bounds on every class's probability (docs/statistics.md, "The cascade and
+    its caps", exact caps): (M, C).
 
     Each class c gets the one-sided Clopper-Pearson upper bound on its share of the row's votes at
     level / C. Class c's count is Binomial(n, p_c), so each bound misses with probability at most
@@ -159,7 +161,8 @@ def other_class_upper(
     counts: np.ndarray, exclude: np.ndarray, level: np.ndarray | float, fallback_class: np.ndarray
 ) -> np.ndarray:
     """Goodman q̄ (reference mode only): bound on the largest probability of any class other than
-    ``exclude`` as the published code computes it (method.md §4).
+    ``exclude`` as the published code computes it (docs/statistics.md, "What exactly is guaranteed",
+    reference mode).
 
     counts: (M, C) estimation votes of one stage; exclude: (M,) the class set aside (ĉ_k of the
     deciding stage); level: one-sided miss probability of the whole family.
@@ -170,7 +173,8 @@ def other_class_upper(
     1 - Clopper-Pearson lower bound on the share of ``fallback_class``.
 
     ``fallback_class`` exists because the published code (Jeong & Shin, ``off_class_upper_radius``)
-    passes the *stage's own* selected class ĉ_j there, while method.md says ĉ_k (= ``exclude``).
+    passes the *stage's own* selected class ĉ_j there, while the cap's argument (docs/statistics.md,
+    "The cascade and its caps") needs ĉ_k (= ``exclude``).
     Only ĉ_k is a valid bound (1 - p̲(ĉ_k) bounds the total of all other classes); ĉ_j is what
     reproduces the reference. The reference parquet does not tell them apart (no certified image
     there reaches the two-group case), so reference mode follows the published code. Union mode does

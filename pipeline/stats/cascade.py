@@ -1,4 +1,8 @@
-"""The multi-scale certification cascade (method.md §4, §4a-§4d) and single-scale certification (§3).
+"""The multi-scale certification cascade and single-scale certification (docs/statistics.md: "One
+scale (Cohen et al.)", "The cascade and its caps", "The α split", "Routing needs no coverage").
+
+Every function takes the run's `pipeline.config.CascadeRule` (per-image alpha, alpha mode, p0,
+routing), validated when it was built; this module validates only the counts.
 
 Scales are ordered from the highest sigma. At stage k the Clopper-Pearson bounds [p̲_k, p̄_k] on the
 selected class ĉ_k (from the selection votes) are computed from the estimation votes. A certificate
@@ -9,15 +13,15 @@ where q̄_j bounds every class but ĉ_k at stage j; r_k <= 0 issues nothing.
 Why a certificate is correct
 ----------------------------
 The population cascade G outputs, at the first stage where some class has probability > p0, that
-class. With p0 >= 1/2 at most one class can exceed p0 (§4d), so G is well defined, and Φ⁻¹ of each
+class. With p0 >= 1/2 at most one class can exceed p0, so G is well defined, and Φ⁻¹ of each
 class probability is 1/sigma-Lipschitz in the input. Hence, if (i) p̲_k is below the true probability
 of ĉ_k at stage k and (ii) for every j < k, q̄_j is above the true probability of every class other
 than ĉ_k at stage j, then on the open ball of radius r_k no class but ĉ_k exceeds p0 at any stage
 j < k, and ĉ_k exceeds p0 at stage k: G outputs ĉ_k on the whole ball. This holds for every stage k
 whose lower bound clears p0, whether or not that stage was the one to speak.
 
-Union mode: exact caps, 2K-1 intervals (``alpha_mode="union"``, §4a)
----------------------------------------------------------------------
+Union mode: exact caps, 2K-1 intervals (``alpha_mode="union"``)
+---------------------------------------------------------------
 q̄_j is read from one exact family per stage j: the Clopper-Pearson upper bound of every class's
 share of stage j's estimation votes at level a/C (Bonferroni over the C classes,
 ``pipeline.stats.bounds.class_upper_family``), maximized over the classes != ĉ_k. The family does not
@@ -26,11 +30,11 @@ bounds and the families of stages 1..K-1: T = 2K-1 intervals, each at a = alpha 
 event that all T hold; by the union bound P(E) >= 1 - alpha. ĉ_k comes from the selection votes,
 which are independent of the estimation votes, so each interval keeps its level given ĉ_k.
 
-Routing needs no coverage (§4b)
--------------------------------
+Routing needs no coverage
+-------------------------
 On E, (i) and (ii) hold for every k at once, so every capped certificate with r_k > 0 is correct
 simultaneously. Which stages are sampled and which one speaks may therefore depend on the data in
-any way; ``routing`` picks it (union mode only):
+any way; ``rule.routing`` picks it (union mode only):
 
 - ``"cascade"``: as published. p̲_k >= p0 speaks (certifies, or abstains when r_k <= 0),
   p̄_k >= p0 > p̲_k abstains (undecided), p̄_k < p0 falls through; after stage K, abstain.
@@ -51,25 +55,27 @@ certificate is wrong with probability above alpha. In the two-group case of its 
 (``pipeline.stats.bounds.other_class_upper``) it follows the published code and bounds the other
 classes by 1 - p̲ of stage j's own class ĉ_j.
 
-What is guaranteed (§4c)
-------------------------
+What is guaranteed (docs/statistics.md, "What exactly is guaranteed")
+---------------------------------------------------------------------
 Per image: in union mode its certificate is wrong with probability at most alpha over that image's
 Monte-Carlo noise. Images draw independent noise, so a run of M images has at most alpha·M wrong
 certificates in expectation; all of them hold jointly with probability >= 1 - alpha only when each
-image is run at alpha / M (``--family-wise``).
+image is run at alpha / M (a family-wise run: its rule's alpha is already alpha / M).
 
-Radius exactly 0: method.md says r <= 0 abstains, the published code abstains only on r < 0. The
-reference parquet holds no zero radius, so both modes follow method.md (r <= 0 abstains).
+Radius exactly 0: the certificate's definition abstains on r <= 0, the published code only on
+r < 0. The reference parquet holds no zero radius, so both modes abstain on r <= 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Sequence
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 from scipy.special import ndtri
 
+from pipeline.config import AlphaMode, CascadeRule
+from pipeline.errors import UserError
 from pipeline.stats.bounds import (
     class_upper_family,
     clopper_pearson_lower,
@@ -77,12 +83,6 @@ from pipeline.stats.bounds import (
     largest_other_upper,
     other_class_upper,
 )
-from pipeline.errors import UserError
-
-AlphaMode = Literal["union", "reference"]
-ALPHA_MODES: tuple[AlphaMode, ...] = ("union", "reference")
-Routing = Literal["cascade", "continue", "best"]
-ROUTINGS: tuple[Routing, ...] = ("cascade", "continue", "best")
 
 
 @dataclass(frozen=True)
@@ -94,20 +94,16 @@ class CascadeResult:
     stage: np.ndarray  # int64 (M,), index of the stage that spoke (certificate, or cascade abstention); -1 if none
 
 
-def stage_levels(num_scales: int, alpha: float, alpha_mode: AlphaMode) -> np.ndarray:
+def stage_levels(num_scales: int, rule: CascadeRule) -> np.ndarray:
     """One-sided level per stage, (K,). Union: a = alpha / (2K - 1) everywhere, for the lower bound,
     the routing upper bound and the exact cap family of every stage (2K - 1 intervals can be used);
     reference: alpha / k at stage k (k = 1..K) for its bounds and for the caps it computes. See the
     module docstring for why."""
     if num_scales < 1:
         raise UserError(f"need at least one scale, got {num_scales}")
-    if not 0.0 < alpha < 1.0:
-        raise UserError(f"alpha must lie strictly between 0 and 1, got {alpha}")
-    if alpha_mode == "union":
-        return np.full(num_scales, alpha / (2 * num_scales - 1))
-    if alpha_mode == "reference":
-        return alpha / np.arange(1, num_scales + 1, dtype=np.float64)
-    raise UserError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}, got {alpha_mode!r}")
+    if rule.alpha_mode == "union":
+        return np.full(num_scales, rule.alpha / (2 * num_scales - 1))
+    return rule.alpha / np.arange(1, num_scales + 1, dtype=np.float64)
 
 
 def _as_counts(counts: np.ndarray, name: str) -> np.ndarray:
@@ -127,21 +123,6 @@ def _check_pair(select_counts: np.ndarray, estimate_counts: np.ndarray) -> tuple
             f"select_counts {select.shape} and estimate_counts {estimate.shape} must have the same shape"
         )
     return select, estimate
-
-
-def check_p0(p0: float) -> None:
-    """p0 in [1/2, 1): below 1/2 two classes could exceed p0 and the radius formula fails (§4d)."""
-    if not 0.5 <= p0 < 1.0:
-        raise UserError(f"p0 must lie in [0.5, 1) (below 1/2 the certificate is not unique), got {p0}")
-
-
-def check_routing(routing: Routing, alpha_mode: AlphaMode) -> None:
-    """Only union mode has the joint event that makes every routing valid (module docstring)."""
-    if routing not in ROUTINGS:
-        raise UserError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-    if alpha_mode == "reference" and routing != "cascade":
-        raise UserError(f"routing {routing!r} needs union alpha mode; reference mode keeps the published "
-                        "cascade rule")
 
 
 def _stage_bounds(
@@ -171,22 +152,22 @@ def _cap_upper(
 
 def _capped_radius(
     estimate: np.ndarray, selected_all: np.ndarray, rows: np.ndarray, k: int, chat: np.ndarray,
-    lower: np.ndarray, sigmas: np.ndarray, level: float, alpha_mode: AlphaMode, p0: float,
+    lower: np.ndarray, sigmas: np.ndarray, level: float, rule: CascadeRule,
 ) -> np.ndarray:
     """r_k of `rows` (whose p̲_k >= p0), capped by every earlier stage, whatever that stage decided."""
-    r = sigmas[k] * (ndtri(lower) - ndtri(p0))
+    r = sigmas[k] * (ndtri(lower) - ndtri(rule.p0))
     for j in range(k):
-        q = _cap_upper(estimate[rows, j], chat, selected_all[rows, j], level, alpha_mode)
-        r = np.minimum(r, sigmas[j] * (ndtri(p0) - ndtri(q)))
+        q = _cap_upper(estimate[rows, j], chat, selected_all[rows, j], level, rule.alpha_mode)
+        r = np.minimum(r, sigmas[j] * (ndtri(rule.p0) - ndtri(q)))
     return r
 
 
 def _route(
-    select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, levels: np.ndarray, alpha_mode: AlphaMode,
-    p0: float, routing: Routing, stage_names: Sequence[str],
+    select: np.ndarray, estimate: np.ndarray, sigmas: np.ndarray, levels: np.ndarray, rule: CascadeRule,
+    stage_names: Sequence[str],
 ) -> tuple[CascadeResult, np.ndarray]:
-    """Walk the stages given under `routing`: the certificates so far and (M,) whether an image goes
-    on to the next stage. The one implementation behind certify_cascade and needs_next_stage.
+    """Walk the stages given under `rule.routing`: the certificates so far and (M,) whether an image
+    goes on to the next stage. The one implementation behind certify_cascade and needs_next_stage.
 
     Whether r_k > 0 does not depend on the sigmas (they scale every term of the min by a positive
     factor), so the routing of a prefix of stages needs only the number of scales (for the levels).
@@ -202,37 +183,31 @@ def _route(
         if rows.size == 0:
             break
         selected, lower, upper = _stage_bounds(select[rows, k], estimate[rows, k], levels[k], stage_names[k])
-        clears = lower >= p0
+        clears = lower >= rule.p0
         r = np.zeros(rows.size)
         r[clears] = _capped_radius(estimate, selected_all, rows[clears], k, selected[clears], lower[clears],
-                                   sigmas, levels[k], alpha_mode, p0)
+                                   sigmas, levels[k], rule)
         issue = (r > 0) & (r > radius[rows])  # radius[rows] is 0 except under "best"
         prediction[rows[issue]], radius[rows[issue]], stage[rows[issue]] = selected[issue], r[issue], k
-        if routing == "cascade":
-            speaks = clears | (upper >= p0)
+        if rule.routing == "cascade":
+            speaks = clears | (upper >= rule.p0)
             stage[rows[speaks]] = k
             pending[rows[speaks]] = False
-        elif routing == "continue":
+        elif rule.routing == "continue":
             pending[rows[issue]] = False
     return CascadeResult(prediction=prediction, radius=radius, stage=stage), pending
 
 
 def certify_cascade(
-    select_counts: np.ndarray,
-    estimate_counts: np.ndarray,
-    sigmas: Sequence[float],
-    alpha: float,
-    alpha_mode: AlphaMode = "union",
-    p0: float = 0.5,
-    routing: Routing = "cascade",
+    select_counts: np.ndarray, estimate_counts: np.ndarray, sigmas: Sequence[float], rule: CascadeRule
 ) -> CascadeResult:
-    """Certify every image with the cascade over ``sigmas`` (strictly decreasing) under ``routing``.
+    """Certify every image with the cascade over ``sigmas`` (strictly decreasing) under ``rule``.
 
     select_counts, estimate_counts: (M, K, C) votes per image, scale (in ``sigmas`` order), class.
     n may differ per image and scale. Stages the routing never consults for an image may be all
     zeros (early exit with the same routing left them unsampled); a needed stage without votes
-    raises UserError. Union mode: each image's certificate is wrong with probability <= alpha, for
-    every routing (module docstring). ``stage`` is the stage that spoke: the certifying one, under
+    raises UserError. Union mode: each image's certificate is wrong with probability <= rule.alpha,
+    for every routing (module docstring). ``stage`` is the stage that spoke: the certifying one, under
     "cascade" also the one that abstained (undecided, or r <= 0); -1 when none did.
     """
     select, estimate = _check_pair(select_counts, estimate_counts)
@@ -241,24 +216,15 @@ def certify_cascade(
         raise UserError(f"got {sigmas.size} sigma(s) for counts with {select.shape[1]} scale(s)")
     if np.any(sigmas <= 0) or np.any(np.diff(sigmas) >= 0):
         raise UserError(f"sigmas must be positive and strictly decreasing, got {sigmas.tolist()}")
-    check_p0(p0)
-    levels = stage_levels(len(sigmas), alpha, alpha_mode)
-    check_routing(routing, alpha_mode)
     names = [f"scale sigma={sigma:g}" for sigma in sigmas]
-    return _route(select, estimate, sigmas, levels, alpha_mode, p0, routing, names)[0]
+    return _route(select, estimate, sigmas, stage_levels(len(sigmas), rule), rule, names)[0]
 
 
 def needs_next_stage(
-    select_counts: np.ndarray,
-    estimate_counts: np.ndarray,
-    num_scales: int,
-    alpha: float,
-    alpha_mode: AlphaMode = "union",
-    p0: float = 0.5,
-    routing: Routing = "cascade",
+    select_counts: np.ndarray, estimate_counts: np.ndarray, num_scales: int, rule: CascadeRule
 ) -> np.ndarray:
     """(M,) True where an image whose first k stages are given, (M, k, C), must be sampled at stage
-    k+1 under `routing`: the one rule the sampling strategies (early exit) and the resume share.
+    k+1 under `rule.routing`: the one rule the sampling strategies (early exit) and the resume share.
 
     cascade: every stage so far fell through; continue: no stage so far issued a certificate with
     positive capped radius; best: always. Uses the levels ``certify_cascade`` uses with
@@ -267,37 +233,24 @@ def needs_next_stage(
     select, estimate = _check_pair(select_counts, estimate_counts)
     if select.shape[1] > num_scales:
         raise UserError(f"got votes for {select.shape[1]} stages of a {num_scales}-scale cascade")
-    check_p0(p0)
-    levels = stage_levels(num_scales, alpha, alpha_mode)
-    check_routing(routing, alpha_mode)
+    levels = stage_levels(num_scales, rule)
     names = [f"stage {k + 1} of {num_scales}" for k in range(num_scales)]
     ones = np.ones(num_scales)  # r > 0 does not depend on the sigmas (_route)
-    return _route(select, estimate, ones, levels, alpha_mode, p0, routing, names)[1]
+    return _route(select, estimate, ones, levels, rule, names)[1]
 
 
 def undecided_mask(
-    select_counts: np.ndarray,
-    estimate_counts: np.ndarray,
-    num_scales: int,
-    alpha: float,
-    alpha_mode: AlphaMode = "union",
-    p0: float = 0.5,
+    select_counts: np.ndarray, estimate_counts: np.ndarray, num_scales: int, rule: CascadeRule
 ) -> np.ndarray:
     """(M,) True where the first k stages given, (M, k, C), all fell through: ``needs_next_stage``
-    under the published "cascade" routing."""
-    return needs_next_stage(select_counts, estimate_counts, num_scales, alpha, alpha_mode, p0, "cascade")
+    under the published "cascade" routing, whatever ``rule.routing`` says."""
+    return needs_next_stage(select_counts, estimate_counts, num_scales, replace(rule, routing="cascade"))
 
 
 def needed_stages(
-    select_counts: np.ndarray,
-    estimate_counts: np.ndarray,
-    present: np.ndarray,
-    alpha: float,
-    alpha_mode: AlphaMode = "union",
-    p0: float = 0.5,
-    routing: Routing = "cascade",
+    select_counts: np.ndarray, estimate_counts: np.ndarray, present: np.ndarray, rule: CascadeRule
 ) -> np.ndarray:
-    """(M, K) True where `routing` needs stage k of an image, as far as the stages present (M, K)
+    """(M, K) True where `rule.routing` needs stage k of an image, as far as the stages present (M, K)
     tell: a stage after one that is needed but absent is unknown and left False. Reduce and certify
     report images needing an absent stage instead of certifying the others alone; on all-scales
     counts the row sums are the scales early exit would sample."""
@@ -307,18 +260,19 @@ def needed_stages(
     needed[:, 0] = True
     for k in range(1, num_scales):
         rows = np.flatnonzero(needed[:, k - 1] & present[:, k - 1])
-        needed[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], num_scales, alpha, alpha_mode, p0,
-                                           routing)
+        needed[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], num_scales, rule)
     return needed
 
 
 def certify_single_scale(
-    select_counts: np.ndarray, estimate_counts: np.ndarray, sigma: float, alpha: float, p0: float = 0.5
+    select_counts: np.ndarray, estimate_counts: np.ndarray, sigma: float, rule: CascadeRule
 ) -> CascadeResult:
-    """Cohen et al. at one scale: (M, C) votes. The one-stage cascade (both alpha modes agree at
-    K = 1), so stage is 0 when p̄ >= p0 and -1 when p̄ < p0; either way p̲ < p0 abstains."""
+    """Cohen et al. at one scale: (M, C) votes, at rule.alpha and rule.p0. The one-stage cascade in
+    union mode (both alpha modes agree at K = 1, and with one stage every routing is the same), so
+    stage is 0 when p̄ >= p0 and -1 when p̄ < p0; either way p̲ < p0 abstains."""
     select = np.asarray(select_counts)
     estimate = np.asarray(estimate_counts)
     if select.ndim != 2 or estimate.ndim != 2:
         raise UserError("single-scale counts must have shape (images, classes)")
-    return certify_cascade(select[:, None, :], estimate[:, None, :], [sigma], alpha, "union", p0)
+    one_stage = CascadeRule(rule.alpha, "union", rule.p0, "cascade")
+    return certify_cascade(select[:, None, :], estimate[:, None, :], [sigma], one_stage)

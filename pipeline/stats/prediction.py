@@ -1,4 +1,4 @@
-"""Cascaded prediction without a certificate (method.md §5).
+"""Cascaded prediction without a certificate (docs/statistics.md, "Cascaded prediction").
 
 At stage k (highest sigma first) a two-sided binomial test asks whether the top two vote counts
 could come from equal probabilities; if it rejects at level alpha the top class is output,
@@ -33,15 +33,14 @@ def predict_cascade(counts: np.ndarray, alpha: float) -> tuple[np.ndarray, np.nd
 
     Returns ``(prediction, stage)``, both int64 (M,): the output class (-1 = abstain) and the index
     of the stage that output it (-1 when abstaining). Stages after the deciding one may be all
-    zeros (never sampled); a stage that is needed but has no votes raises UserError.
+    zeros (never sampled); a stage that is needed but has no votes raises UserError. ``alpha`` is
+    trusted to lie in (0, 1) (`CertifyConfig` validates it).
     """
     counts = np.asarray(counts)
     if counts.ndim != 3 or not np.issubdtype(counts.dtype, np.integer) or np.any(counts < 0):
         raise UserError("prediction counts must be non-negative integers of shape (images, scales, classes)")
     if counts.shape[2] < 2:
         raise UserError("prediction needs at least two classes")
-    if not 0.0 < alpha < 1.0:
-        raise UserError(f"alpha must lie strictly between 0 and 1, got {alpha}")
     num_images = counts.shape[0]
     prediction = np.full(num_images, -1, dtype=np.int64)
     stage = np.full(num_images, -1, dtype=np.int64)

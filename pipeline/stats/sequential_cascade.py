@@ -5,7 +5,8 @@ clear long before. Here each (image, scale) is sampled in rounds (cumulative est
 64, 128, 192, 256, 320, 384, 512, … growing ×1.2 up to n_max, in whole noise chunks, so the votes are a prefix of
 the fixed-n run's votes; pipeline/sampling/adaptive.py) and `round_status` decides after every round,
 from the time-uniform bounds [p̲_t, p̄_t] of pipeline/stats/confidence_sequences.py on the selected
-class ĉ and the capped radius r_t (method.md §4: own bound, then the caps of the earlier stages):
+class ĉ and the capped radius r_t (own bound, then the caps of the earlier stages: docs/statistics.md,
+"The cascade and its caps"):
 
 - moves on      — p̄_t < p0 (falls through), or the routing sends a finished stage on (below);
 - finished      — general mode: r_t > 0 and r_t is within `radius_tolerance` of r̂, the radius the
@@ -18,7 +19,7 @@ class ĉ and the capped radius r_t (method.md §4: own bound, then the caps of t
 In cascade routing an unfinished-uncertified stage keeps sampling while falling through is still
 reachable (the published rule: undecided abstains, so the only way on is p̄ < p0).
 
-Routing (method.md §4b) — what a finished stage does:
+Routing (docs/statistics.md, "Routing needs no coverage") — what a finished stage does:
 - cascade:  stops there (certified or abstains);
 - continue: stops if certified, else goes on to the next scale (certifies a superset of cascade);
 - best:     always goes on: every scale is sampled, the largest certificate speaks.
@@ -33,15 +34,16 @@ p < 1 the bound approaches p at rate 1/sqrt(t), so r_t closes in on r̂ quickly;
 that keeps r_t within a fixed tolerance of r̂ must sample confident images for a constant fraction
 of n_max. Proving a given R needs only t ≈ c / (1 − Φ(R/sigma)) votes.
 
-Why the certificate stays valid at `alpha`: every bound is a confidence *sequence*, valid
-simultaneously at all sample sizes, so it holds at the (data-dependent) stopping time. The argument
-of method.md §4a-4b carries over with these intervals (union split, T = 2K − 1 of them, each at
-alpha / T): the K lower sequences on ĉ_k (ĉ_k comes from the independent selection votes), and for
-each of the K − 1 scales that can be an earlier stage, one family of upper sequences on *every*
-class at level alpha / (T·C) (Bonferroni over the C classes), from which q̄_j = max over c ≠ ĉ_k is
-read whatever ĉ_k turns out to be. On the event that all of them hold, every stage's capped
-certificate is correct at once, so which stages were sampled, when each stopped, and which one
-speaks (any routing, a target radius rounding the radius down) cannot make a certificate wrong.
+Why the certificate stays valid at `alpha` (the rule's per-image level): every bound is a confidence
+*sequence*, valid simultaneously at all sample sizes, so it holds at the (data-dependent) stopping
+time. The argument of docs/statistics.md ("The α split", "Routing needs no coverage") carries over
+with these intervals (union split, T = 2K − 1 of them, each at alpha / T): the K lower sequences
+on ĉ_k (ĉ_k comes from the independent selection votes), and for each of the K − 1 scales that can
+be an earlier stage, one family of upper sequences on *every* class at level alpha / (T·C)
+(Bonferroni over the C classes), from which q̄_j = max over c ≠ ĉ_k is read whatever ĉ_k turns out
+to be. On the event that all of them hold, every stage's capped certificate is correct at once, so
+which stages were sampled, when each stopped, and which one speaks (any routing, a target radius
+rounding the radius down) cannot make a certificate wrong.
 The upper sequence on ĉ_k only routes images and needs no coverage; it uses the same level.
 
 The final decision depends only on the stored counts at the stopping time (the bets of the sequence
@@ -57,45 +59,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtri
 
+from pipeline.config import CascadeRule, CertifyConfig
 from pipeline.errors import UserError
-from pipeline.stats.cascade import ROUTINGS, CascadeResult, Routing
+from pipeline.stats.cascade import CascadeResult
 from pipeline.stats.confidence_sequences import sequence_lower, sequence_upper
-
-
-@dataclass(frozen=True)
-class AdaptiveSettings:
-    """What decides the counts and the certificates of an adaptive run."""
-
-    sigmas: tuple[float, ...]
-    n_select: int
-    n_max: int
-    alpha: float
-    p0: float = 0.5
-    radius_tolerance: float = 0.05
-    first_round: int = 64
-    growth: float = 1.2
-    routing: Routing = "cascade"
-    target_radii: tuple[float, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.n_select < 1 or self.n_max < 1:
-            raise UserError("--n-select and --n must be >= 1")
-        if not 0.0 < self.alpha < 1.0 or not 0.0 < self.p0 < 1.0:
-            raise UserError(f"alpha and p0 must lie strictly between 0 and 1, got {self.alpha}, {self.p0}")
-        if self.radius_tolerance < 0:
-            raise UserError(f"--radius-tolerance must be >= 0, got {self.radius_tolerance}")
-        if self.growth <= 1.0:
-            raise UserError(f"round growth must be > 1, got {self.growth}")
-        if self.routing not in ROUTINGS:
-            raise UserError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
-        check_target_radii(self.target_radii)
-
-
-def check_target_radii(radii: Sequence[float]) -> None:
-    """Target radii must be positive and strictly increasing (the CLI sorts and deduplicates them)."""
-    values = np.asarray(radii, dtype=np.float64)
-    if np.any(values <= 0) or np.any(np.diff(values) <= 0):
-        raise UserError(f"--target-radius values must be positive and distinct, got {list(radii)}")
 
 
 def sequential_level(num_scales: int, alpha: float) -> float:
@@ -154,13 +121,12 @@ def _stage(select: np.ndarray, estimate: np.ndarray, k: int, sigmas: np.ndarray,
 
 def certificate_radius(radius: np.ndarray, target_radii: Sequence[float]) -> np.ndarray:
     """The radius a stage certifies (0 = no certificate): the capped radius itself where positive,
-    or with target radii the largest R it proves (r ≥ R)."""
+    or with target radii (positive, as `CertifyConfig.target_radii`) the largest R it proves (r ≥ R)."""
     radius = np.asarray(radius, dtype=np.float64)
     if len(target_radii) == 0:
         return np.where(radius > 0, radius, 0.0)
     targets = np.asarray(target_radii, dtype=np.float64)
-    proven = radius[..., None] >= targets
-    return np.where(proven.any(axis=-1), targets[np.maximum(proven.sum(axis=-1) - 1, 0)], 0.0)
+    return np.max(np.where(radius[..., None] >= targets, targets, 0.0), axis=-1, initial=0.0)
 
 
 def _check_counts(select_counts: np.ndarray, estimate_counts: np.ndarray, sigmas: np.ndarray) -> None:
@@ -177,12 +143,12 @@ def certify_cascade_sequential(
     select_counts: np.ndarray,
     estimate_counts: np.ndarray,
     sigmas: Sequence[float],
-    alpha: float,
-    p0: float = 0.5,
-    routing: Routing = "cascade",
+    rule: CascadeRule,
     target_radii: Sequence[float] = (),
 ) -> CascadeResult:
-    """The method.md §4 cascade with confidence-sequence bounds: valid at any stopping time.
+    """The cascade (docs/statistics.md, "The cascade and its caps") with confidence-sequence bounds,
+    at rule.alpha (split over 2K − 1 intervals as in union mode), rule.p0 and rule.routing: valid at
+    any stopping time.
 
     The routing an adaptive run took is read from which stages hold votes: in cascade and continue
     routing the stages sampled are 0..m and stage m speaks (the earlier ones moved on when the run
@@ -195,10 +161,11 @@ def certify_cascade_sequential(
     estimate = np.asarray(estimate_counts, dtype=np.int64)
     sigmas = np.asarray(sigmas, dtype=np.float64)
     _check_counts(select, estimate, sigmas)
-    if routing not in ROUTINGS:
-        raise UserError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-    check_target_radii(target_radii)
-    level = sequential_level(len(sigmas), alpha)
+    if rule.alpha_mode != "union":
+        raise UserError(f"the sequential cascade splits alpha as union mode does, got alpha mode "
+                        f"{rule.alpha_mode!r}")
+    routing, p0 = rule.routing, rule.p0
+    level = sequential_level(len(sigmas), rule.alpha)
     num_images, num_scales = select.shape[:2]
     sampled = estimate.sum(axis=2) > 0
     last = num_scales - 1 - np.argmax(sampled[:, ::-1], axis=1)
@@ -238,14 +205,16 @@ votes come at the current rate plus this many standard errors. It decides only w
 stops, so it costs power, never validity. Why not p̄_t: an image whose radius at n_max would land
 just below R (those near R are the costly ones) would then sample to n_max in vain, since p̄_t at
 level alpha/T stays far above the rate for thousands of samples; one standard error gives up on it
-once the votes make that unlikely (first 10 digits test images, --target-radius 0.5: 7.8× fewer
+once the votes make that unlikely (first 10 digits test images, target radius 0.5: 7.8× fewer
 forward passes than fixed n = 10,000 with p̄_t, 25× with one standard error, same certificates)."""
 
 
 def round_status(
-    select: np.ndarray, estimate: np.ndarray, stage: int, settings: AdaptiveSettings
+    select: np.ndarray, estimate: np.ndarray, stage: int, config: CertifyConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """(status, stage to sample next) for images deciding at `stage`; select/estimate are (M, K, C).
+    The config gives the sigmas, n_max (config.n), the per-image level (config.rule.alpha), p0, the
+    routing, radius_tolerance and target_radii.
 
     CONTINUE: sample the returned stage one more round; DONE: the image is finished; NEXT: go on to
     stage + 1 (the caller finishes the image at the last stage). An image whose radius is limited
@@ -253,9 +222,9 @@ def round_status(
     next: the caps' sequences are time-uniform too, so sampling a stage again later is as valid as
     sampling it longer at once.
     """
-    sigmas = np.asarray(settings.sigmas, dtype=np.float64)
-    level = sequential_level(len(sigmas), settings.alpha)
-    p0, n_max = settings.p0, settings.n_max
+    sigmas = np.asarray(config.sigmas, dtype=np.float64)
+    level = sequential_level(len(sigmas), config.rule.alpha)
+    p0, n_max, routing = config.p0, config.n, config.routing
     now = _stage(select, estimate, stage, sigmas, level, p0)
     remaining = n_max - now.trials
     # The radius at n_max: at ĉ's estimated rate (projected; the Krichevsky-Trofimov estimate
@@ -272,22 +241,22 @@ def round_status(
     binding = now.terms.argmin(axis=1)  # 0 = this stage's own bound, j + 1 = the cap of stage j
     sample = np.where(binding > 0, binding - 1, stage)
     exhausted = estimate[np.arange(len(sample)), sample].sum(axis=1) >= n_max
-    if settings.target_radii:
-        targets = np.asarray(settings.target_radii)
+    if config.target_radii:
+        targets = np.asarray(config.target_radii)
         proven = now.radius[:, None] >= targets
         certified = proven.any(axis=1)
         finished = np.all(proven | (optimistic[:, None] < targets), axis=1)
     else:
         certified = now.radius > 0
-        finished = np.where(certified, now.radius >= projected - settings.radius_tolerance, optimistic <= 0)
+        finished = np.where(certified, now.radius >= projected - config.radius_tolerance, optimistic <= 0)
     falls_through = now.upper < p0
-    if settings.routing == "cascade":  # undecided abstains there: keep sampling while falling through can happen
+    if routing == "cascade":  # undecided abstains there: keep sampling while falling through can happen
         can_fall = sequence_upper(now.votes + np.maximum(rate - spread, 0.0) * remaining, n_max, level) < p0
         finished &= certified | ~can_fall
     finished |= exhausted
-    if settings.routing == "cascade":
+    if routing == "cascade":
         on_finish = np.full(len(sample), DONE)
-    elif settings.routing == "continue":
+    elif routing == "continue":
         on_finish = np.where(certified, DONE, NEXT)
     else:
         on_finish = np.full(len(sample), NEXT)

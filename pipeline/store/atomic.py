@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import fsspec
 import pyarrow as pa
@@ -37,7 +39,15 @@ def write_parquet(table: pa.Table, url: str) -> None:
 
 
 def read_parquet(url: str) -> pa.Table:
-    """Read a whole Parquet file from its bytes, synchronously on the calling thread.
+    """Read a whole Parquet file (see open_parquet)."""
+    with open_parquet(url) as parquet:
+        return parquet.read()
+
+
+@contextmanager
+def open_parquet(url: str) -> Iterator[pq.ParquetFile]:
+    """A Parquet file read from its bytes, to be read synchronously on the calling thread (its schema,
+    some columns, or all of them).
 
     `pq.read_table` on a Python-owned buffer (or an fsspec file object) scans through Arrow's async
     dataset scanner, whose pool threads may drop the last reference to that buffer after the call
@@ -47,4 +57,4 @@ def read_parquet(url: str) -> pa.Table:
     buffer until it returns and releases it on this thread."""
     fs, path = fsspec.core.url_to_fs(url)
     with pq.ParquetFile(pa.BufferReader(fs.cat_file(path))) as parquet:
-        return parquet.read()
+        yield parquet

@@ -2,19 +2,25 @@
 
 This is the contract between the sampling stage (Ray actors writing Parquet) and the reduce stage
 (pure numpy): everything the reduce needs, including n and the sigmas, is read from the data.
+
+Reading streams. Each image's certificate depends only on its own rows, and the dense (images, scales,
+classes) arrays of a whole ImageNet run are gigabytes, so a counts location (a Parquet file, a directory
+of shards, or an fsspec URL of either) is first indexed, reading only the image_id, label and sigma
+columns of every file (`index_counts`), and then read group of images by group, each group complete
+across all files (`CountsIndex.groups`). Reading everything at once (`read_counts`) is one group.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import UserError
-from pipeline.store.atomic import read_parquet
+from pipeline.store.atomic import open_parquet, read_parquet
 
 COUNTS_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -23,6 +29,11 @@ COUNTS_SCHEMA = pa.schema([
     ("select_counts", pa.list_(pa.int64())),
     ("estimate_counts", pa.list_(pa.int64())),
 ])
+#: The columns the index reads from every file: which images (and scales) a file holds.
+INDEX_COLUMNS = ["image_id", "label", "sigma"]
+#: Images per group of `CountsIndex.groups`: ImageNet's 3 scales x 1,000 classes make a group's dense
+#: arrays of both phases about 50 MB, and the reduce's peak a few times that.
+DEFAULT_IMAGES_PER_GROUP = 1024
 
 
 @dataclass(frozen=True)
@@ -56,44 +67,215 @@ def counts_table(
     )
 
 
-def _parquet_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
-        if files:
-            return files
-        raise UserError(f"no .parquet files under {path}")
-    raise UserError(f"counts not found: {path}")
+def read_counts(location: str) -> pa.Table:
+    """Read a counts Parquet file or directory (local or a URL), checking the schema; bad input → one
+    UserError line."""
+    index = index_counts(location)
+    if index.unreadable:
+        raise UserError(f"cannot read counts Parquet under {location}: {index.unreadable[0]}")
+    return index.table()
 
 
-def read_counts(path: str | Path) -> pa.Table:
-    """Read a counts Parquet file or directory, checking the schema; bad input → one UserError line."""
-    table, unreadable = read_counts_reporting(path)
-    if unreadable:
-        raise UserError(f"cannot read counts Parquet under {path}: {unreadable[0]}")
-    return table
-
-
-def read_counts_reporting(path: str | Path) -> tuple[pa.Table, list[str]]:
+def read_counts_reporting(location: str) -> tuple[pa.Table, list[str]]:
     """Like read_counts, but a directory's unreadable files are returned by name (with the error)
     instead of failing the read, so that the reduce can name them beside the images they held. A
     single unreadable file is still an error: there is nothing else to reduce."""
-    location = Path(path)
-    files = _parquet_files(location)
-    tables, unreadable = [], []
-    for file in files:
+    index = index_counts(location)
+    return index.table(), list(index.unreadable)
+
+
+def read_counts_groups(location: str, sigmas: Sequence[float] | None = None,
+                       images_per_group: int = DEFAULT_IMAGES_PER_GROUP) -> Iterator[CountsArrays]:
+    """`counts_to_arrays(read_counts(location), sigmas)` in consecutive groups of `images_per_group`
+    images, ascending by image_id, without ever holding the dense arrays of every image: the groups
+    concatenated are those arrays. `index_counts` for unreadable files, image subsets and scale subsets."""
+    index = index_counts(location)
+    if index.unreadable:
+        raise UserError(f"cannot read counts Parquet under {location}: {index.unreadable[0]}")
+    return index.groups(images_per_group, sigmas)
+
+
+@dataclass(frozen=True, eq=False)
+class CountsIndex:
+    """Which file holds which counts rows: one entry per row (the file, the row's position in it, its
+    image_id, label and sigma), without the class counts. Rows repeating a row of an earlier file
+    exactly are left out (`_identical_repeats`). Built by `index_counts`; `only` narrows it."""
+
+    location: str
+    files: tuple[str, ...]  # URLs of the readable files, in sorted order
+    unreadable: tuple[str, ...]  # "name (first line of the error)" of each file that could not be read
+    file: np.ndarray  # int64 (rows,): index into files
+    position: np.ndarray  # int64 (rows,): row number within its file
+    image_id: np.ndarray  # int64 (rows,)
+    label: np.ndarray  # int64 (rows,)
+    sigma: np.ndarray  # float64 (rows,)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """The images with at least one row, ascending."""
+        return np.unique(self.image_id)
+
+    def only(self, image_ids: np.ndarray | None = None, sigmas: Sequence[float] | None = None) -> CountsIndex:
+        """The rows of these images and/or these scales only (a resumed run's directory may hold other
+        images; a reduce over a subset of the scales drops the others' rows)."""
+        drop = np.zeros(len(self.file), dtype=bool)
+        if image_ids is not None:
+            drop |= ~np.isin(self.image_id, np.asarray(image_ids, dtype=np.int64))
+        if sigmas is not None:
+            drop |= ~np.isin(self.sigma, np.asarray(sigmas, dtype=np.float64))
+        return self._without(drop)
+
+    def table(self) -> pa.Table:
+        """Every indexed row, in file order (an empty COUNTS_SCHEMA table when there are none)."""
+        if len(self.file) == 0:
+            return COUNTS_SCHEMA.empty_table()
+        return next(self.tables(len(self.image_ids)))
+
+    def tables(self, images_per_group: int = DEFAULT_IMAGES_PER_GROUP) -> Iterator[pa.Table]:
+        """The rows of consecutive groups of `images_per_group` images (ascending image_id), each group
+        with every indexed row of its images, in file order.
+
+        A file is read once: one whose images reach a later group is held (as Arrow rows, not dense
+        arrays) until that group. Shards of consecutive images straddle at most a group boundary each;
+        a single file holding every image is held whole."""
+        if images_per_group < 1:
+            raise ValueError(f"images_per_group must be >= 1, got {images_per_group}")
+        return self._tables(images_per_group)
+
+    def _tables(self, images_per_group: int) -> Iterator[pa.Table]:
+        group = np.searchsorted(self.image_ids, self.image_id) // images_per_group
+        order = np.lexsort((self.position, self.file, group))  # by group, then file order
+        num_groups = int(group.max()) + 1 if len(group) else 0
+        bounds = np.searchsorted(group[order], np.arange(num_groups + 1))
+        last_group = np.full(len(self.files), -1)
+        np.maximum.at(last_group, self.file, group)
+        held: dict[int, pa.Table] = {}
+        for index in range(num_groups):
+            rows = order[bounds[index]:bounds[index + 1]]
+            files, starts = np.unique(self.file[rows], return_index=True)
+            parts = []
+            for file, start, stop in zip(files.tolist(), starts, [*starts[1:], len(rows)]):
+                table = held.pop(file) if file in held else self._read(file)
+                positions = self.position[rows[start:stop]]
+                parts.append(table if len(positions) == table.num_rows else table.take(pa.array(positions)))
+                if last_group[file] > index:
+                    held[file] = table
+            yield pa.concat_tables(parts)
+
+    def groups(self, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
+               sigmas: Sequence[float] | None = None) -> Iterator[CountsArrays]:
+        """`counts_to_arrays` of each of `tables(images_per_group)`: the same arrays as pivoting every
+        row at once, group by group. Every check that needs only the index (no rows, sigma outside
+        `sigmas`, duplicate (image_id, sigma) rows, two labels for an image) runs on all rows now,
+        before anything is read; the class counts are checked as their groups are read."""
+        scales = _row_keys(self.image_id, self.label, self.sigma, sigmas).sigmas
+        return _same_classes(counts_to_arrays(table, scales) for table in self.tables(images_per_group))
+
+    def _read(self, file: int) -> pa.Table:
+        return _read_counts_file(self.files[file], self.location)
+
+    def _without(self, drop: np.ndarray) -> CountsIndex:
+        if not drop.any():
+            return self
+        keep = ~drop
+        return replace(self, file=self.file[keep], position=self.position[keep], image_id=self.image_id[keep],
+                       label=self.label[keep], sigma=self.sigma[keep])
+
+
+def index_counts(location: str, missing_ok: bool = False) -> CountsIndex:
+    """Index the counts at `location` (a Parquet file, or the *.parquet files under a directory, names
+    starting with "." or "_" excepted; a local path or an fsspec URL): every file's schema is checked
+    and its image_id, label and sigma columns read. A directory's unreadable files are listed in
+    `unreadable` (a single unreadable file is an error). `missing_ok`: a location that does not exist
+    or holds no Parquet files is an empty index instead of an error (a run's counts before its first
+    shard)."""
+    fs, root = fsspec.core.url_to_fs(location)
+    fs.invalidate_cache(root)  # object stores' cached listings miss the shards other processes (actors) wrote since
+    single = fs.isfile(root)
+    files, unreadable, keys = [], [], []
+    for path in _counts_paths(fs, root, location, missing_ok):
+        url = fs.unstrip_protocol(path)
         try:
-            table = read_parquet(str(file))  # synchronous: no scanner threads left at exit
-        except (pa.ArrowInvalid, OSError) as error:
-            if location.is_file():
-                raise UserError(f"cannot read counts Parquet under {path}: {str(error).splitlines()[0]}") from error
-            unreadable.append(f"{file.name} ({str(error).splitlines()[0]})")
+            with open_parquet(url) as parquet:
+                validate_counts_schema(parquet.schema_arrow, location if single else _shown(fs, path))
+                keys.append(parquet.read(columns=INDEX_COLUMNS))
+        except (pa.ArrowException, OSError) as error:
+            if single:
+                raise UserError(f"cannot read counts Parquet under {location}: {_first_line(error)}") from error
+            unreadable.append(f"{path.rsplit('/', 1)[-1]} ({_first_line(error)})")
             continue
-        validate_counts_schema(table.schema, str(file if location.is_dir() else path))
-        tables.append(table.select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA))
-    table = pa.concat_tables(tables) if tables else COUNTS_SCHEMA.empty_table()
-    return table, unreadable
+        files.append(url)
+
+    def column(name: str, dtype: type) -> np.ndarray:
+        return np.concatenate([np.asarray(table[name].to_numpy(), dtype) for table in keys] or [np.array([], dtype)])
+
+    index = CountsIndex(
+        location, tuple(files), tuple(unreadable),
+        file=np.repeat(np.arange(len(keys), dtype=np.int64), [table.num_rows for table in keys]),
+        position=np.concatenate([np.arange(table.num_rows) for table in keys] or [np.array([], np.int64)]),
+        image_id=column("image_id", np.int64), label=column("label", np.int64), sigma=column("sigma", np.float64))
+    return index._without(_identical_repeats(index))
+
+
+def _counts_paths(fs: fsspec.AbstractFileSystem, root: str, location: str, missing_ok: bool) -> list[str]:
+    if fs.isfile(root):
+        return [root]
+    if fs.isdir(root):
+        paths = sorted(path for path in fs.find(root)
+                       if path.endswith(".parquet") and not path.rsplit("/", 1)[-1].startswith((".", "_")))
+        if paths or missing_ok:
+            return paths
+        raise UserError(f"no .parquet files under {location}")
+    if missing_ok:
+        return []
+    raise UserError(f"counts not found: {location}")
+
+
+def _shown(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A file as a user names it: a plain path on the local disk, else its URL."""
+    local = "file" in fs.protocol or "local" in fs.protocol
+    return path if local else fs.unstrip_protocol(path)
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _read_counts_file(url: str, location: str) -> pa.Table:
+    """A whole indexed file in COUNTS_SCHEMA; one that became unreadable since it was indexed is an error."""
+    try:
+        return read_parquet(url).select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"cannot read counts Parquet under {location}: {url.rsplit('/', 1)[-1]} "
+                        f"({_first_line(error)})") from error
+
+
+def _identical_repeats(index: CountsIndex) -> np.ndarray:
+    """Rows to leave out: those identical to a row of an earlier file. An actor of a killed driver can
+    finish its batch after a resume has started and recomputed the same images in differently composed
+    (differently named) shards; counts are deterministic, so such rows are identical and one copy is the
+    truth. Rows that differ for one (image_id, sigma), or repeat within one file, stay, and
+    counts_to_arrays refuses them. Only the files holding a repeated (image_id, sigma) are read again."""
+    drop = np.zeros(len(index.file), dtype=bool)
+    order = np.lexsort((index.position, index.file, index.sigma, index.image_id))
+    same = (np.diff(index.image_id[order]) == 0) & (np.diff(index.sigma[order]) == 0)
+    if not same.any():  # the usual case: nothing repeated, nothing to compare
+        return drop
+    in_run = np.zeros(len(order), dtype=bool)
+    in_run[1:] |= same
+    in_run[:-1] |= same
+    repeated = order[in_run]  # by key, then file: the first file holding a content is the earliest
+    content: dict[int, tuple] = {}
+    for file in np.unique(index.file[repeated]).tolist():
+        rows = repeated[index.file[repeated] == file]
+        values = index._read(file).take(pa.array(index.position[rows])).to_pylist()
+        content.update((row, (v["image_id"], v["sigma"], v["label"], tuple(v["select_counts"]),
+                              tuple(v["estimate_counts"]))) for row, v in zip(rows.tolist(), values))
+    first_file: dict[tuple, int] = {}
+    for row in repeated.tolist():
+        if first_file.setdefault(content[row], int(index.file[row])) != index.file[row]:
+            drop[row] = True
+    return drop
 
 
 def validate_counts_schema(schema: pa.Schema, where: str) -> None:
@@ -113,14 +295,53 @@ def validate_counts_schema(schema: pa.Schema, where: str) -> None:
 
 
 def _dense(column: pa.ChunkedArray, name: str) -> np.ndarray:
-    lengths = set(column.combine_chunks().value_lengths().to_numpy(zero_copy_only=False).tolist())
+    combined = column.combine_chunks()
+    lengths = np.unique(combined.value_lengths().to_numpy(zero_copy_only=False))
     if len(lengths) != 1:
-        raise UserError(f"{name} rows have different numbers of classes: {sorted(lengths)}")
-    (num_classes,) = lengths
-    values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        raise UserError(f"{name} rows have different numbers of classes: {lengths.tolist()}")
+    values = combined.flatten().to_numpy(zero_copy_only=False)
     if values.size and values.min() < 0:
         raise UserError(f"{name} contains negative counts")
-    return values.astype(np.int64).reshape(-1, num_classes)
+    return values.astype(np.int64, copy=False).reshape(-1, int(lengths[0]))
+
+
+@dataclass(frozen=True)
+class _RowKeys:
+    """Where each row goes in the dense arrays."""
+
+    image_ids: np.ndarray  # the images, ascending
+    labels: np.ndarray  # per image
+    sigmas: np.ndarray  # the scales, descending
+    row_image: np.ndarray  # per row: index into image_ids
+    row_scale: np.ndarray  # per row: index into sigmas
+
+
+def _row_keys(image_id: np.ndarray, label: np.ndarray, sigma: np.ndarray,
+              sigmas: Sequence[float] | None) -> _RowKeys:
+    """Check the rows' keys (no rows, sigmas, duplicate (image_id, sigma), labels) and place each row."""
+    if len(image_id) == 0:
+        raise UserError("the counts table has no rows")
+    if np.isnan(sigma).any() or (sigma <= 0).any():
+        raise UserError("sigma must be positive in every counts row")
+    image_ids, row_image = np.unique(image_id, return_inverse=True)
+    found = np.unique(sigma)
+    if sigmas is None:
+        scales = found[::-1].copy()
+    else:
+        scales = np.array(sorted({float(s) for s in sigmas}, reverse=True))
+        unknown = np.setdiff1d(found, scales)
+        if unknown.size:
+            raise UserError(f"counts hold sigma(s) {unknown.tolist()} outside the run's scales {scales.tolist()}")
+    row_scale = np.searchsorted(-scales, -sigma)
+    keys = row_image * len(scales) + row_scale
+    distinct = len(np.unique(keys))
+    if distinct != len(keys):
+        raise UserError(f"{len(keys) - distinct} duplicate (image_id, sigma) rows in the counts table")
+    labels = np.full(len(image_ids), -1, dtype=np.int64)
+    labels[row_image] = label
+    if (labels[row_image] != label).any():
+        raise UserError("an image_id appears with two different labels")
+    return _RowKeys(image_ids, labels, scales, row_image, row_scale)
 
 
 def counts_to_arrays(table: pa.Table, sigmas: Sequence[float] | None = None) -> CountsArrays:
@@ -130,39 +351,26 @@ def counts_to_arrays(table: pa.Table, sigmas: Sequence[float] | None = None) -> 
     of scales the cascade could consult, and early exit may leave a scale with no rows at all, so
     scales read from the data alone can undercount and make the union-mode bounds too narrow.
     """
-    if table.num_rows == 0:
-        raise UserError("the counts table has no rows")
-    image_id = table["image_id"].to_numpy()
-    label = table["label"].to_numpy()
-    sigma = table["sigma"].to_numpy()
-    if np.isnan(sigma).any() or (sigma <= 0).any():
-        raise UserError("sigma must be positive in every counts row")
+    keys = _row_keys(table["image_id"].to_numpy(), table["label"].to_numpy(), table["sigma"].to_numpy(), sigmas)
     select, estimate = _dense(table["select_counts"], "select_counts"), _dense(table["estimate_counts"], "estimate_counts")
     if select.shape[1] != estimate.shape[1]:
         raise UserError("select_counts and estimate_counts have different numbers of classes")
-    image_ids, row_image = np.unique(image_id, return_inverse=True)
-    found = np.unique(sigma)
-    if sigmas is None:
-        sigmas = found[::-1].copy()
-    else:
-        sigmas = np.array(sorted({float(s) for s in sigmas}, reverse=True))
-        unknown = np.setdiff1d(found, sigmas)
-        if unknown.size:
-            raise UserError(f"counts hold sigma(s) {unknown.tolist()} outside the run's scales {sigmas.tolist()}")
-    row_scale = np.searchsorted(-sigmas, -sigma)
-    keys = row_image * len(sigmas) + row_scale
-    unique_keys, first = np.unique(keys, return_index=True)
-    if len(unique_keys) != len(keys):
-        raise UserError(f"{len(keys) - len(unique_keys)} duplicate (image_id, sigma) rows in the counts table")
-    labels = np.full(len(image_ids), -1, dtype=np.int64)
-    labels[row_image] = label
-    if (labels[row_image] != label).any():
-        raise UserError("an image_id appears with two different labels")
-    num_classes = select.shape[1]
-    shape = (len(image_ids), len(sigmas), num_classes)
+    shape = (len(keys.image_ids), len(keys.sigmas), select.shape[1])
     select_counts, estimate_counts = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
     present = np.zeros(shape[:2], dtype=bool)
-    select_counts[row_image, row_scale] = select
-    estimate_counts[row_image, row_scale] = estimate
-    present[row_image, row_scale] = True
-    return CountsArrays(image_ids, labels, sigmas, select_counts, estimate_counts, present)
+    select_counts[keys.row_image, keys.row_scale] = select
+    estimate_counts[keys.row_image, keys.row_scale] = estimate
+    present[keys.row_image, keys.row_scale] = True
+    return CountsArrays(keys.image_ids, keys.labels, keys.sigmas, select_counts, estimate_counts, present)
+
+
+def _same_classes(groups: Iterator[CountsArrays]) -> Iterator[CountsArrays]:
+    """Pass the groups on, refusing one whose number of classes differs from the first's (within a
+    group counts_to_arrays checks it)."""
+    first = None
+    for arrays in groups:
+        width = arrays.select_counts.shape[2]
+        if first is not None and width != first:
+            raise UserError(f"select_counts rows have different numbers of classes: {sorted({first, width})}")
+        first = width
+        yield arrays

@@ -10,7 +10,6 @@ of silently shrinking the denominator.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -70,17 +69,22 @@ def read_image_ids(out: str) -> np.ndarray | None:
 
 
 def counts_run_settings(counts: str) -> dict | None:
-    """How the counts at `counts` (a counts/ directory or one Parquet file) were sampled: the
-    run_config.json of the run directory holding counts/, else the settings in the metadata of the
-    first shard that has them, else None (bare counts: fixed n)."""
-    location = Path(counts)
-    config = location.resolve().parent / RUN_CONFIG
-    if location.is_dir() and config.is_file():
-        return json.loads(config.read_text())
-    files = [location] if location.is_file() else sorted(location.rglob("*.parquet")) if location.is_dir() else []
+    """How the counts at `counts` (a counts/ directory or one Parquet file, local or fsspec URL) were
+    sampled: the run_config.json of the run directory holding counts/, else the settings in the
+    metadata of the first shard that has them, else None (bare counts: fixed n)."""
+    fs, location = fsspec.core.url_to_fs(counts)  # local paths come back absolute, so `parent` is real
+    location = location.rstrip("/")
+    fs.invalidate_cache(location)  # a listing cached earlier in this process misses what actors wrote since
+    is_dir = fs.isdir(location)
+    config = join(location.rsplit("/", 1)[0], RUN_CONFIG) if "/" in location else None
+    if is_dir and config and fs.isfile(config):
+        return json.loads(fs.cat_file(config))
+    files = sorted(p for p in fs.find(location) if p.endswith(".parquet")) if is_dir else (
+        [location] if fs.isfile(location) else [])
     for file in files:
         try:
-            metadata = pq.read_schema(file).metadata or {}
+            with fs.open(file, "rb") as handle:  # the footer only, not the whole shard
+                metadata = pq.read_schema(handle).metadata or {}
         except (pa.ArrowException, OSError):
             continue
         if METADATA_KEY in metadata:

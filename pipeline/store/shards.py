@@ -14,12 +14,11 @@ import hashlib
 import logging
 from collections.abc import Sequence
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipeline.store.atomic import read_parquet, write_parquet
-from pipeline.store.counts import COUNTS_SCHEMA
+from pipeline.store.atomic import write_parquet
+from pipeline.store.counts import index_counts
 
 logger = logging.getLogger(__name__)
 
@@ -39,35 +38,11 @@ def write_shard(table: pa.Table, directory: str, name: str, metadata: dict[bytes
 
 
 def read_shards(directory: str) -> pa.Table:
-    """All readable shards under `directory` (empty table if none); unreadable ones are skipped
-    with a warning because a resume recomputes them."""
-    fs, root = fsspec.core.url_to_fs(directory)
-    if not fs.exists(root):
-        return COUNTS_SCHEMA.empty_table()
-    tables = []
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/part-*.parquet")):
-        try:
-            table = read_parquet(fs.unstrip_protocol(path))
-            tables.append(table.select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA))
-        except (pa.ArrowException, OSError, KeyError) as error:
-            logger.warning("ignoring unreadable counts shard %s (%s); it will be recomputed", path, error)
-    return _drop_repeated_rows(pa.concat_tables(tables)) if tables else COUNTS_SCHEMA.empty_table()
-
-
-def _drop_repeated_rows(table: pa.Table) -> pa.Table:
-    """Keep one of several identical rows. An actor of a killed driver can finish its batch after a
-    resume has started and recomputed the same images in differently composed (differently named)
-    shards; counts are deterministic, so such rows are identical and one copy is the truth. Rows that
-    differ for one (image_id, sigma) stay, and counts_to_arrays refuses them."""
-    keys = np.stack([table["image_id"].to_numpy().astype(np.float64), table["sigma"].to_numpy()], axis=1)
-    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    if len(first) == table.num_rows:  # the usual case: nothing repeated, nothing to compare
-        return table
-    inverse = inverse.reshape(-1)
-    keep = []
-    for index in range(table.num_rows):
-        original = int(first[inverse[index]])
-        if index == original or not all(table[name][index] == table[name][original]
-                                        for name in ("label", "select_counts", "estimate_counts")):
-            keep.append(index)
-    return table.take(pa.array(keep, pa.int64()))
+    """All readable shards under `directory` (empty table if none) in one table, a row repeated exactly
+    by a later shard once (store/counts.py `index_counts`); unreadable ones are skipped with a warning
+    because a resume recomputes them. For the rows of a whole run group by group, use
+    `index_counts(directory, missing_ok=True).groups(...)`."""
+    index = index_counts(directory, missing_ok=True)
+    for unreadable in index.unreadable:
+        logger.warning("ignoring unreadable counts shard %s; it will be recomputed", unreadable)
+    return index.table()

@@ -22,7 +22,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
 from pipeline.models.guided_diffusion import (
-    PRESETS,
+    UNET_ARCHITECTURES,
     GuidedDiffusionConfig,
     convert_guided_diffusion,
     make_scheduler,
@@ -331,11 +331,11 @@ def test_scheduler_reproduces_the_original_schedule(schedule: str, steps: int) -
 def test_rescaled_models_keep_their_whole_schedule_and_a_timestep_scale() -> None:
     """improved-diffusion feeds the network t·1000/T: all T steps stay (t* is searched on them) and the
     network's input is scaled instead; guided-diffusion's ImageNet model sees t itself."""
-    config = PRESETS["cifar10-improved"]
+    config = UNET_ARCHITECTURES["cifar10-improved"]
     assert make_scheduler(config, learn_sigma=True).config.num_train_timesteps == 4000
     assert network_timestep_scale(config) == 0.25
     assert network_timestep_scale(replace(config, diffusion_steps=1500)) == pytest.approx(1000 / 1500)
-    assert network_timestep_scale(PRESETS["imagenet256-uncond"]) == 1.0
+    assert network_timestep_scale(UNET_ARCHITECTURES["imagenet256-uncond"]) == 1.0
 
 
 def published_timestep(sqrt_alphas_cumprod: np.ndarray, sigma: float) -> int:
@@ -352,7 +352,7 @@ def published_timestep(sqrt_alphas_cumprod: np.ndarray, sigma: float) -> int:
 def test_timestep_for_sigma_on_the_4000_step_cosine_schedule(sigma: float) -> None:
     """t*(σ) of the converted CIFAR-10 schedule equals a direct float64 computation on improved-diffusion's
     cosine schedule, and the published search loop (which uses sqrt(1-ᾱ)/sqrt(ᾱ) instead)."""
-    scheduler = make_scheduler(PRESETS["cifar10-improved"], learn_sigma=True)
+    scheduler = make_scheduler(UNET_ARCHITECTURES["cifar10-improved"], learn_sigma=True)
     denoiser = denoiser_from_parts(UNet2DModel(**TINY_DIFFUSERS_UNET), scheduler)
     sqrt_alphas_cumprod = np.sqrt(original_alphas_cumprod("cosine", 4000))
     direct = int(np.flatnonzero(sqrt_alphas_cumprod <= 1 / math.sqrt(1 + (2 * sigma) ** 2))[0])
@@ -383,7 +383,7 @@ def test_converted_cifar10_checkpoint_denoises_like_improved_diffusion(tmp_path:
     converted with the cifar10-improved preset, saved, reloaded, and its one-shot x̂₀ at t*(σ) on the
     4,000-step schedule matches the original network fed t·1000/4000 (fp32, 1e-4)."""
     reference = random_reference(seed=5, **CIFAR10_LAYOUT)
-    config = replace(PRESETS["cifar10-improved"], num_channels=32)
+    config = replace(UNET_ARCHITECTURES["cifar10-improved"], num_channels=32)
     written = save_converted(convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config),
                              tmp_path / "out")
     assert (tmp_path / "out" / "timestep_scale.json") in written
@@ -423,14 +423,14 @@ PRESET_ARCHITECTURES = {
 }
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("preset", list(UNET_ARCHITECTURES))
 def test_presets_fit_full_size_checkpoints(preset: str) -> None:
     with torch.device("meta"):
         reference = RefUNet(**PRESET_ARCHITECTURES[preset])
-    converted = convert_guided_diffusion(reference.state_dict(), PRESETS[preset])
+    converted = convert_guided_diffusion(reference.state_dict(), UNET_ARCHITECTURES[preset])
     unet, scheduler = converted.unet, converted.scheduler
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in reference.parameters())
-    assert unet.config.out_channels == 6 and unet.config.sample_size == PRESETS[preset].image_size
+    assert unet.config.out_channels == 6 and unet.config.sample_size == UNET_ARCHITECTURES[preset].image_size
     assert unet.config.attention_head_dim == 64
     assert scheduler.config.variance_type == "learned_range"
 

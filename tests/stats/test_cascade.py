@@ -1,4 +1,4 @@
-"""Every branch of the §4 cascade on hand-made counts, and the vectorized cascade against a
+"""Every branch of the cascade on hand-made counts, and the vectorized cascade against a
 per-image transcription of the published loop (statsmodels bounds) on random counts."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import pytest
 from scipy.stats import norm
 from statsmodels.stats.proportion import multinomial_proportions_confint, proportion_confint
 
+from pipeline.config import CascadeRule
 from pipeline.stats.cascade import (
     certify_cascade,
     certify_single_scale,
@@ -60,7 +61,7 @@ def exact_cap_upper(estimate: np.ndarray, level: float, c: int) -> float:
 
 
 def stage_certificate(sigmas, k: int, low: float, chat: int, earlier, level: float, mode: str, p0: float) -> float:
-    """The capped radius r_k of a stage whose p̲ clears p0 (method.md §4, §4a)."""
+    """The capped radius r_k of a stage whose p̲ clears p0 (docs/statistics.md, "The cascade and its caps")."""
     radius = sigmas[k] * (norm.ppf(low) - norm.ppf(p0))
     for sigma_j, estimate_j, chat_j in earlier:
         if mode == "reference":
@@ -95,7 +96,7 @@ def cascade_one_image(
 
 
 def single_image(select: list[list[int]], estimate: list[list[int]], mode: str = "reference", p0: float = 0.5):
-    result = certify_cascade(np.array([select]), np.array([estimate]), SIGMAS, ALPHA, mode, p0)
+    result = certify_cascade(np.array([select]), np.array([estimate]), SIGMAS, CascadeRule(ALPHA, mode, p0))
     return int(result.prediction[0]), float(result.radius[0]), int(result.stage[0])
 
 
@@ -105,7 +106,7 @@ ZERO = [0, 0, 0, 0]
 @pytest.mark.parametrize("mode", ["union", "reference"])
 def test_certifies_at_the_first_stage_with_cohens_radius(mode: str) -> None:
     prediction, radius, stage = single_image([[2, 95, 3, 0], ZERO, ZERO], [[10, 960, 30, 0], ZERO, ZERO], mode)
-    level = stage_levels(3, ALPHA, mode)[0]
+    level = stage_levels(3, CascadeRule(ALPHA, mode))[0]
     assert (prediction, stage) == (1, 0)
     assert radius == pytest.approx(1.0 * norm.ppf(cp(960, 1000, level)[0]), rel=1e-12)
 
@@ -122,7 +123,7 @@ def test_certifies_at_a_later_stage_when_the_cap_does_not_bind(mode: str) -> Non
     select = [[30, 30, 20, 20], [0, 0, 100, 0], ZERO]
     estimate = [[250, 250, 250, 250], [60, 60, 800, 80], ZERO]
     prediction, radius, stage = single_image(select, estimate, mode)
-    level = stage_levels(3, ALPHA, mode)[1]
+    level = stage_levels(3, CascadeRule(ALPHA, mode))[1]
     own = 0.5 * norm.ppf(cp(800, 1000, level)[0])
     cap = 1.0 * -norm.ppf(multinomial_proportions_confint([250, 250, 250, 250], alpha=2 * level)[1:, 1].max())
     assert (prediction, stage) == (2, 1)
@@ -135,7 +136,7 @@ def test_cap_from_an_earlier_stage_binds(mode: str) -> None:
     select = [[40, 30, 30, 0], [0, 100, 0, 0], ZERO]
     estimate = [[4500, 3000, 2500, 0], [0, 10000, 0, 0], ZERO]
     prediction, radius, stage = single_image(select, estimate, mode)
-    level = stage_levels(3, ALPHA, mode)[1]
+    level = stage_levels(3, CascadeRule(ALPHA, mode))[1]
     own = 0.5 * norm.ppf(cp(10000, 10000, level)[0])
     if mode == "reference":  # Goodman over the groups other than class 1
         q = multinomial_proportions_confint([3000, 4500, 2500], alpha=2 * level)[1:, 1].max()
@@ -152,7 +153,7 @@ def test_negative_cap_abstains_at_the_certifying_stage(mode: str) -> None:
     # stage-1 votes: its Goodman bound exceeds 1/2, so the cap on stage 2's class 1 is negative.
     select = [[0, 0, 100, 0], [0, 100, 0, 0], ZERO]
     estimate = [[4900, 300, 4800, 0], [0, 10000, 0, 0], ZERO]
-    level = stage_levels(3, ALPHA, mode)
+    level = stage_levels(3, CascadeRule(ALPHA, mode))
     assert cp(4800, 10000, level[0])[1] < 0.5
     assert multinomial_proportions_confint([300, 4900, 4800], alpha=2 * level[1])[1:, 1].max() > 0.5
     assert single_image(select, estimate, mode) == (-1, 0.0, 1)
@@ -168,7 +169,7 @@ def test_two_group_cap_uses_the_published_fallback_class_in_reference_mode_only(
     assert reduce_counts(np.array(estimate[0]), 1) == [978, 22]
     assert single_image(select, estimate, "reference") == (-1, 0.0, 1)
     prediction, radius, stage = single_image(select, estimate, "union")
-    level = stage_levels(3, ALPHA, "union")[1]
+    level = stage_levels(3, CascadeRule(ALPHA, "union"))[1]
     own = 0.5 * norm.ppf(cp(1000, 1000, level)[0])
     cap = -norm.ppf(exact_cap_upper(np.array(estimate[0]), level, 1))
     assert (prediction, stage) == (1, 1) and radius == pytest.approx(min(own, cap), rel=1e-12)
@@ -176,8 +177,8 @@ def test_two_group_cap_uses_the_published_fallback_class_in_reference_mode_only(
 
 @pytest.mark.parametrize("mode", ["union", "reference"])
 def test_zero_radius_abstains(mode: str) -> None:
-    # Choose p0 equal to p̲ itself, so r = sigma (Φ⁻¹(p̲) - Φ⁻¹(p0)) is exactly 0: method.md abstains.
-    level = stage_levels(3, ALPHA, mode)[0]
+    # Choose p0 equal to p̲ itself, so r = sigma (Φ⁻¹(p̲) - Φ⁻¹(p0)) is exactly 0: the certificate abstains.
+    level = stage_levels(3, CascadeRule(ALPHA, mode))[0]
     p0 = cp(800, 1000, level)[0]
     select = [[0, 100, 0, 0], ZERO, ZERO]
     assert single_image(select, [[0, 800, 200, 0], ZERO, ZERO], mode, p0=p0) == (-1, 0.0, 0)
@@ -192,12 +193,12 @@ def test_falls_through_every_stage(mode: str) -> None:
 
 
 def test_stage_levels_split_alpha_as_documented() -> None:
-    np.testing.assert_allclose(stage_levels(3, 0.005, "union"), [0.001, 0.001, 0.001])
-    np.testing.assert_allclose(stage_levels(3, 0.006, "reference"), [0.006, 0.003, 0.002])
-    np.testing.assert_allclose(stage_levels(1, 0.01, "union"), [0.01])
+    np.testing.assert_allclose(stage_levels(3, CascadeRule(0.005, "union")), [0.001, 0.001, 0.001])
+    np.testing.assert_allclose(stage_levels(3, CascadeRule(0.006, "reference")), [0.006, 0.003, 0.002])
+    np.testing.assert_allclose(stage_levels(1, CascadeRule(0.01, "union")), [0.01])
     # Union: K lower bounds + K-1 exact cap families, each at the same level, sum to alpha.
     for k in range(1, 6):
-        assert stage_levels(k, 0.01, "union")[0] * (2 * k - 1) == pytest.approx(0.01)
+        assert stage_levels(k, CascadeRule(0.01, "union"))[0] * (2 * k - 1) == pytest.approx(0.01)
 
 
 def random_counts(rng: np.random.Generator, images: int, num_classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +219,7 @@ def test_matches_the_per_image_transcription_on_random_counts(mode: str, routing
     rng = np.random.default_rng(5)
     select, estimate = random_counts(rng, 600)
     alpha = 0.05
-    result = certify_cascade(select, estimate, SIGMAS, alpha, mode, routing=routing)
+    result = certify_cascade(select, estimate, SIGMAS, CascadeRule(alpha, mode, routing=routing))
     stages_seen = set()
     for m in range(len(select)):
         prediction, radius, stage = cascade_one_image(select[m], estimate[m], SIGMAS, alpha, mode, routing=routing)
@@ -237,8 +238,8 @@ def test_union_and_reference_take_the_same_path_and_reference_radii_are_larger_b
     is at least as large. Exact caps may bind more or less than Goodman, so later stages may differ."""
     rng = np.random.default_rng(6)
     select, estimate = random_counts(rng, 3000)
-    union = certify_cascade(select, estimate, SIGMAS, 0.01, "union")
-    reference = certify_cascade(select, estimate, SIGMAS, 0.01, "reference")
+    union = certify_cascade(select, estimate, SIGMAS, CascadeRule(0.01, "union"))
+    reference = certify_cascade(select, estimate, SIGMAS, CascadeRule(0.01, "reference"))
     certified = union.prediction >= 0
     assert certified.sum() > 500
     assert np.array_equal(reference.stage[certified], union.stage[certified])
@@ -251,7 +252,8 @@ def test_union_and_reference_take_the_same_path_and_reference_radii_are_larger_b
 def test_continue_issues_every_cascade_certificate_with_the_same_radius_and_best_the_largest() -> None:
     rng = np.random.default_rng(8)
     select, estimate = random_counts(rng, 3000)
-    results = {r: certify_cascade(select, estimate, SIGMAS, 0.01, routing=r) for r in ("cascade", "continue", "best")}
+    results = {r: certify_cascade(select, estimate, SIGMAS, CascadeRule(0.01, routing=r))
+               for r in ("cascade", "continue", "best")}
     cascade, cont, best = results["cascade"], results["continue"], results["best"]
     issued = cascade.prediction >= 0
     np.testing.assert_array_equal(cont.prediction[issued], cascade.prediction[issued])
@@ -266,76 +268,72 @@ def test_early_exit_counts_give_the_all_scales_certificates(routing: str) -> Non
     """Sampling stage k+1 only where needs_next_stage says so, and zeroing the rest, changes nothing."""
     rng = np.random.default_rng(9)
     select, estimate = random_counts(rng, 2000)
+    rule = CascadeRule(0.01, routing=routing)
     sampled = np.ones(select.shape[:2], dtype=bool)
     for k in range(1, len(SIGMAS)):
         rows = np.flatnonzero(sampled[:, k - 1])
         sampled[:, k] = False
-        sampled[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], 3, 0.01, routing=routing)
+        sampled[rows, k] = needs_next_stage(select[rows, :k], estimate[rows, :k], 3, rule)
     early_select, early_estimate = select * sampled[..., None], estimate * sampled[..., None]
     assert sampled.all() if routing == "best" else (~sampled).sum() > 500
-    full = certify_cascade(select, estimate, SIGMAS, 0.01, routing=routing)
-    early = certify_cascade(early_select, early_estimate, SIGMAS, 0.01, routing=routing)
+    full = certify_cascade(select, estimate, SIGMAS, rule)
+    early = certify_cascade(early_select, early_estimate, SIGMAS, rule)
     for field in ("prediction", "radius", "stage"):
         np.testing.assert_array_equal(getattr(early, field), getattr(full, field))
-    np.testing.assert_array_equal(needed_stages(select, estimate, np.ones_like(sampled), 0.01, routing=routing),
+    np.testing.assert_array_equal(needed_stages(select, estimate, np.ones_like(sampled), rule),
                                   sampled)  # what early exit samples, read off all-scales counts
-    needed = needed_stages(early_select, early_estimate, sampled, 0.01, routing=routing)
+    needed = needed_stages(early_select, early_estimate, sampled, rule)
     assert not (needed & ~sampled).any()
     if routing != "best":
-        needed_by_best = needed_stages(early_select, early_estimate, sampled, 0.01, routing="best")
+        needed_by_best = needed_stages(early_select, early_estimate, sampled, CascadeRule(0.01, routing="best"))
         np.testing.assert_array_equal((needed_by_best & ~sampled).any(axis=1), ~sampled.all(axis=1))
-
-
-def test_routings_other_than_cascade_need_union_mode_and_p0_below_half_is_refused() -> None:
-    select = estimate = np.ones((1, 3, 3), dtype=np.int64)
-    with pytest.raises(UserError, match="reference mode keeps"):
-        certify_cascade(select, estimate, SIGMAS, ALPHA, "reference", routing="continue")
-    with pytest.raises(UserError, match="routing must be one of"):
-        needs_next_stage(select[:, :1], estimate[:, :1], 3, ALPHA, routing="fastest")
-    with pytest.raises(UserError, match="p0 must lie in"):
-        certify_cascade(select, estimate, SIGMAS, ALPHA, p0=0.49)
 
 
 @pytest.mark.parametrize("mode", ["union", "reference"])
 def test_undecided_mask_agrees_with_the_cascade(mode: str) -> None:
     rng = np.random.default_rng(7)
     select, estimate = random_counts(rng, 2000)
-    result = certify_cascade(select, estimate, SIGMAS, 0.01, mode)
+    result = certify_cascade(select, estimate, SIGMAS, CascadeRule(0.01, mode))
     for k in range(len(SIGMAS) + 1):
-        pending = undecided_mask(select[:, :k], estimate[:, :k], len(SIGMAS), 0.01, mode)
+        pending = undecided_mask(select[:, :k], estimate[:, :k], len(SIGMAS), CascadeRule(0.01, mode))
         assert np.array_equal(pending, (result.stage == -1) | (result.stage >= k))
+        if mode == "union":  # the published routing whatever the rule's own (best would send every image on)
+            best = CascadeRule(0.01, mode, routing="best")
+            assert np.array_equal(undecided_mask(select[:, :k], estimate[:, :k], len(SIGMAS), best), pending)
+            assert needs_next_stage(select[:, :k], estimate[:, :k], len(SIGMAS), best).all()
 
 
 def test_early_exit_zeros_are_fine_but_a_needed_unsampled_stage_is_an_error() -> None:
     select = np.array([[[0, 100, 0], [0, 0, 0], [0, 0, 0]], [[30, 40, 30], [0, 0, 0], [0, 0, 0]]])
     estimate = np.array([[[0, 1000, 0], [0, 0, 0], [0, 0, 0]], [[300, 400, 300], [0, 0, 0], [0, 0, 0]]])
     with pytest.raises(UserError, match=r"sigma=0\.5 is needed for 1 image"):
-        certify_cascade(select, estimate, SIGMAS, ALPHA)
-    result = certify_cascade(select[:1], estimate[:1], SIGMAS, ALPHA)
+        certify_cascade(select, estimate, SIGMAS, CascadeRule(ALPHA))
+    result = certify_cascade(select[:1], estimate[:1], SIGMAS, CascadeRule(ALPHA))
     assert result.prediction.tolist() == [1] and result.stage.tolist() == [0]
     with pytest.raises(UserError, match="stage 2 of 3"):
-        undecided_mask(select[:, :2], estimate[:, :2], 3, ALPHA)
+        undecided_mask(select[:, :2], estimate[:, :2], 3, CascadeRule(ALPHA))
 
 
 @pytest.mark.parametrize(
-    "sigmas, mode, select_shape, message",
+    "sigmas, select_shape, message",
     [
-        ((0.25, 0.5, 1.0), "union", (1, 3, 3), "strictly decreasing"),
-        ((1.0, 0.5), "union", (1, 3, 3), "2 sigma"),
-        (SIGMAS, "bonferroni", (1, 3, 3), "alpha mode"),
-        (SIGMAS, "union", (1, 3, 4), "same shape"),
+        ((0.25, 0.5, 1.0), (1, 3, 3), "strictly decreasing"),
+        ((1.0, 0.5), (1, 3, 3), "2 sigma"),
+        (SIGMAS, (1, 3, 4), "same shape"),
     ],
 )
-def test_bad_input_is_a_user_error(sigmas, mode, select_shape, message) -> None:
+def test_bad_counts_are_a_user_error(sigmas, select_shape, message) -> None:
+    """The data is checked here; the settings (alpha, alpha mode, p0, routing) by CascadeRule
+    (tests/test_config.py)."""
     estimate = np.ones((1, 3, 3), dtype=np.int64)
     with pytest.raises(UserError, match=message):
-        certify_cascade(np.ones(select_shape, dtype=np.int64), estimate, sigmas, ALPHA, mode)
+        certify_cascade(np.ones(select_shape, dtype=np.int64), estimate, sigmas, CascadeRule(ALPHA))
 
 
 def test_single_scale_is_cohens_certificate() -> None:
     select = np.array([[5, 95], [60, 40], [50, 50]])
     estimate = np.array([[70, 930], [700, 300], [500, 500]])
-    result = certify_single_scale(select, estimate, 0.5, ALPHA)
+    result = certify_single_scale(select, estimate, 0.5, CascadeRule(ALPHA))
     assert result.prediction.tolist() == [1, 0, -1]
     expected = [0.5 * norm.ppf(cp(930, 1000, ALPHA)[0]), 0.5 * norm.ppf(cp(700, 1000, ALPHA)[0]), 0.0]
     np.testing.assert_allclose(result.radius, expected, rtol=1e-12)

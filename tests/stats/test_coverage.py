@@ -19,6 +19,7 @@ import pytest
 from scipy.stats import beta, binom, norm
 from statsmodels.stats.proportion import proportion_confint
 
+from pipeline.config import CascadeRule
 from pipeline.stats.analytic import (
     EXAMPLE_CASCADE_INPUTS,
     IntervalCascade,
@@ -101,7 +102,7 @@ def test_single_scale_violation_rate_is_at_most_alpha(distance: float) -> None:
     x = linear_point(distance)
     probabilities = np.broadcast_to(LINEAR.probabilities(x, SIGMA)[0], (TRIALS, 2))
     select, estimate = sample_votes(probabilities, 100, rng), sample_votes(probabilities, 1000, rng)
-    result = certify_single_scale(select, estimate, SIGMA, ALPHA)
+    result = certify_single_scale(select, estimate, SIGMA, CascadeRule(ALPHA))
     rate = over_claims(result.prediction, result.radius, 1, distance).mean()
     # The exact rate, from the binomial law and scipy's Beta quantile: selection picks class 1
     # (more than 50 of 100 votes), then the radius over-claims iff p̲ > p; picking class 0, any
@@ -127,7 +128,7 @@ def cascade_rates(mode: str, seed: int) -> dict[str, float]:
     counts_shape = (-1, *probabilities.shape[2:])
     select = sample_votes(probabilities, 100, rng).reshape(counts_shape)
     estimate = sample_votes(probabilities, 1000, rng).reshape(counts_shape)
-    result = certify_cascade(select, estimate, model.sigmas, ALPHA, mode)
+    result = certify_cascade(select, estimate, model.sigmas, CascadeRule(ALPHA, mode))
     u_all = np.tile(u, TRIALS)
     true = model.true_radius(u_all, result.prediction)
     bad = over_claims(result.prediction, result.radius, result.prediction, true).reshape(TRIALS, -1)
@@ -154,7 +155,7 @@ def test_single_scale_radius_is_within_five_percent_at_large_n() -> None:
     distance, n = 0.5, 100_000
     probabilities = np.broadcast_to(LINEAR.probabilities(linear_point(distance), SIGMA)[0], (20, 2))
     select, estimate = sample_votes(probabilities, 100, rng), sample_votes(probabilities, n, rng)
-    result = certify_single_scale(select, estimate, SIGMA, 0.001)
+    result = certify_single_scale(select, estimate, SIGMA, CascadeRule(0.001))
     assert np.all(result.prediction == 1)
     assert np.all(np.abs(result.radius / distance - 1) <= 0.05), result.radius
 
@@ -166,9 +167,9 @@ def test_only_the_lowest_scale_certifies_and_gets_the_caps_of_the_higher_ones() 
     probabilities = model.probabilities(np.array([u]))
     select, estimate = sample_votes(probabilities, 100, rng), sample_votes(probabilities, 100_000, rng)
     alpha, mode = 0.001, "union"
-    result = certify_cascade(select, estimate, model.sigmas, alpha, mode)
+    result = certify_cascade(select, estimate, model.sigmas, CascadeRule(alpha, mode))
     assert result.stage[0] == 2 and result.prediction[0] == 2
-    # §4a by hand with statsmodels: Cohen's radius at sigma 0.25, capped by the exact family of both
+    # The union split by hand with statsmodels: Cohen's radius at sigma 0.25, capped by the exact family of both
     # higher scales (Clopper-Pearson upper bound of every class at level / 4, max over classes != 2).
     level = alpha / 5
     lower = proportion_confint(estimate[0, 2, 2], 100_000, alpha=2 * level, method="beta")[0]
@@ -186,7 +187,7 @@ def test_only_the_lowest_scale_certifies_and_gets_the_caps_of_the_higher_ones() 
 # ---------------------------------------------------------------- routing, and the negative controls
 #
 # The same assertion (`covers`) is applied to union mode under every routing and to three rules that
-# lack one ingredient of §4a: no caps, no alpha split (every interval at alpha), and reference mode.
+# lack one ingredient of the union split: no caps, no alpha split (every interval at alpha), and reference mode.
 # The inputs make each missing ingredient matter: the sigma-1.0 cap binds (no caps over-claims almost
 # always), B sits on its sigma-1.0 boundary (reference mode's false stage-1 certificate and its
 # too-large Goodman cap after a fall-through add up to ~1.14 alpha), and A sits on its boundary at
@@ -214,7 +215,7 @@ def routing_votes() -> list[tuple[np.ndarray, np.ndarray]]:
 def cascade_rule(alpha: float, mode: str = "union", routing: str = "cascade"):
     """certify_cascade with fixed settings, as a rule of (select, estimate, sigmas)."""
     def rule(select: np.ndarray, estimate: np.ndarray, sigmas: tuple[float, ...]) -> CascadeResult:
-        return certify_cascade(select, estimate, sigmas, alpha, mode, routing=routing)
+        return certify_cascade(select, estimate, sigmas, CascadeRule(alpha, mode, routing=routing))
     return rule
 
 
@@ -237,10 +238,10 @@ def covers(rule, routing_votes) -> bool:
 
 def without_caps(select: np.ndarray, estimate: np.ndarray, sigmas: tuple[float, ...]) -> CascadeResult:
     """Negative control: union levels, routing "continue", but each stage's own Cohen radius, uncapped."""
-    level = stage_levels(len(sigmas), ALPHA, "union")[0]
+    level = stage_levels(len(sigmas), CascadeRule(ALPHA, "union"))[0]
     prediction, radius = np.full(len(select), -1), np.zeros(len(select))
     for k, sigma in enumerate(sigmas):
-        alone = certify_single_scale(select[:, k], estimate[:, k], sigma, level)
+        alone = certify_single_scale(select[:, k], estimate[:, k], sigma, CascadeRule(level))
         first = (prediction < 0) & (alone.prediction >= 0)
         prediction[first], radius[first] = alone.prediction[first], alone.radius[first]
     return CascadeResult(prediction, radius, np.zeros(len(select), dtype=np.int64))
@@ -271,8 +272,8 @@ def test_continue_certifies_where_cascade_abstains_on_the_undecided_input(routin
     index = names.index("sigma 1.0 undecided, sigma 0.5 certifies A, cap from 1.0 binds")
     select, estimate = routing_votes[index]
     sigmas = ROUTING_INPUTS[index][1].sigmas
-    cascade = certify_cascade(select, estimate, sigmas, ALPHA, routing="cascade")
-    cont = certify_cascade(select, estimate, sigmas, ALPHA, routing="continue")
+    cascade = certify_cascade(select, estimate, sigmas, CascadeRule(ALPHA, routing="cascade"))
+    cont = certify_cascade(select, estimate, sigmas, CascadeRule(ALPHA, routing="continue"))
     assert (cascade.prediction == 0).mean() < 0.2 < 0.8 < (cont.prediction == 0).mean()
 
 

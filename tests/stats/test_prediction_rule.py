@@ -1,4 +1,4 @@
-"""The §5 cascaded prediction rule: its test statistic, its branches, and its error/abstain rates.
+"""The cascaded prediction rule: its test statistic, its branches, and its error/abstain rates.
 
 Promise checked on analytic counts: a stage whose top two classes are equally likely outputs a class
 with probability <= alpha (so K such stages abstain with probability >= 1 - K·alpha), and a stage

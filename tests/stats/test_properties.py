@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from pipeline.config import CascadeRule
 from pipeline.stats.bounds import clopper_pearson_lower, clopper_pearson_upper
 from pipeline.stats.cascade import certify_cascade
 from pipeline.stats.prediction import predict_cascade
@@ -48,7 +49,7 @@ def test_clopper_pearson_bounds_grow_with_the_count(n: int, fraction: float, lev
 @given(counts=cascade_counts(), mode=st.sampled_from(["union", "reference"]), alpha=levels)
 def test_radius_grows_with_the_votes_of_the_certified_class(counts, mode: str, alpha: float) -> None:
     select, estimate = counts
-    before = certify_cascade(select, estimate, SIGMAS, alpha, mode)
+    before = certify_cascade(select, estimate, SIGMAS, CascadeRule(alpha, mode))
     for m in np.flatnonzero(before.prediction >= 0):
         stage, cls = before.stage[m], before.prediction[m]
         donors = np.flatnonzero((estimate[m, stage] > 0) & (np.arange(4) != cls))
@@ -57,7 +58,7 @@ def test_radius_grows_with_the_votes_of_the_certified_class(counts, mode: str, a
         moved = estimate.copy()
         moved[m, stage, donors[0]] -= 1
         moved[m, stage, cls] += 1
-        after = certify_cascade(select, moved, SIGMAS, alpha, mode)
+        after = certify_cascade(select, moved, SIGMAS, CascadeRule(alpha, mode))
         assert after.prediction[m] == cls and after.stage[m] == stage
         assert after.radius[m] >= before.radius[m]
 
@@ -67,8 +68,8 @@ def test_radius_grows_with_the_votes_of_the_certified_class(counts, mode: str, a
 def test_results_do_not_depend_on_the_order_of_images(counts, mode: str, seed: int) -> None:
     select, estimate = counts
     order = np.random.default_rng(seed).permutation(len(select))
-    whole = certify_cascade(select, estimate, SIGMAS, 0.01, mode)
-    shuffled = certify_cascade(select[order], estimate[order], SIGMAS, 0.01, mode)
+    whole = certify_cascade(select, estimate, SIGMAS, CascadeRule(0.01, mode))
+    shuffled = certify_cascade(select[order], estimate[order], SIGMAS, CascadeRule(0.01, mode))
     for field in ("prediction", "radius", "stage"):
         np.testing.assert_array_equal(getattr(whole, field)[order], getattr(shuffled, field))
     predicted, stage = predict_cascade(estimate, 0.01)
@@ -84,8 +85,8 @@ def test_union_decides_where_reference_does(counts, alpha: float, p0: float) -> 
     certificate (cascade routing) sits at a stage where reference decides too, with the same class
     when reference certifies; only the caps (exact vs Goodman) may differ."""
     select, estimate = counts
-    union = certify_cascade(select, estimate, SIGMAS, alpha, "union", p0)
-    reference = certify_cascade(select, estimate, SIGMAS, alpha, "reference", p0)
+    union = certify_cascade(select, estimate, SIGMAS, CascadeRule(alpha, "union", p0))
+    reference = certify_cascade(select, estimate, SIGMAS, CascadeRule(alpha, "reference", p0))
     certified = union.prediction >= 0
     np.testing.assert_array_equal(reference.stage[certified], union.stage[certified])
     both = certified & (reference.prediction >= 0)
@@ -98,7 +99,7 @@ def test_union_decides_where_reference_does(counts, alpha: float, p0: float) -> 
 @given(counts=cascade_counts(), alpha=levels, p0=st.floats(0.5, 0.8))
 def test_continue_extends_cascade_and_best_extends_continue(counts, alpha: float, p0: float) -> None:
     select, estimate = counts
-    cascade, cont, best = (certify_cascade(select, estimate, SIGMAS, alpha, "union", p0, routing)
+    cascade, cont, best = (certify_cascade(select, estimate, SIGMAS, CascadeRule(alpha, "union", p0, routing))
                            for routing in ("cascade", "continue", "best"))
     issued = cascade.prediction >= 0
     np.testing.assert_array_equal(cont.prediction[issued], cascade.prediction[issued])

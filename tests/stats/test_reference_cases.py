@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import CascadeRule
 from pipeline.stats.cascade import certify_cascade
 
 REFERENCE_CASES = Path(__file__).resolve().parents[3] / "shared" / "cascade_reference_cases.parquet"
@@ -40,7 +41,7 @@ def cases() -> dict[str, np.ndarray]:
 
 
 def test_reference_mode_reproduces_every_image(cases: dict[str, np.ndarray]) -> None:
-    result = certify_cascade(cases["select"], cases["estimate"], cases["sigmas"], ALPHA, "reference")
+    result = certify_cascade(cases["select"], cases["estimate"], cases["sigmas"], CascadeRule(ALPHA, "reference"))
     np.testing.assert_array_equal(result.prediction, cases["prediction"])
     np.testing.assert_allclose(result.radius, cases["radius"], rtol=0, atol=1e-9)
     deciding_sigma = np.where(result.stage >= 0, cases["sigmas"][np.maximum(result.stage, 0)], np.nan)
@@ -48,7 +49,7 @@ def test_reference_mode_reproduces_every_image(cases: dict[str, np.ndarray]) -> 
 
 
 def test_the_cases_exercise_every_branch(cases: dict[str, np.ndarray]) -> None:
-    result = certify_cascade(cases["select"], cases["estimate"], cases["sigmas"], ALPHA, "reference")
+    result = certify_cascade(cases["select"], cases["estimate"], cases["sigmas"], CascadeRule(ALPHA, "reference"))
     certified = result.prediction >= 0
     for stage in range(len(cases["sigmas"])):
         assert np.any(certified & (result.stage == stage)), f"no certificate at stage {stage}"
@@ -57,7 +58,7 @@ def test_the_cases_exercise_every_branch(cases: dict[str, np.ndarray]) -> None:
 
 
 def test_union_mode_on_the_cases_is_never_more_permissive(cases: dict[str, np.ndarray]) -> None:
-    union = certify_cascade(cases["select"], cases["estimate"], cases["sigmas"], ALPHA, "union")
+    union = certify_cascade(cases["select"], cases["estimate"], cases["sigmas"], CascadeRule(ALPHA, "union"))
     certified = union.prediction >= 0
     np.testing.assert_array_equal(union.prediction[certified], cases["prediction"][certified])
     assert np.all(union.radius <= cases["radius"] + 1e-12)

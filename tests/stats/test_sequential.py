@@ -15,9 +15,10 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import beta
 
+from pipeline.config import CascadeRule, CertifyConfig, ConfigError
 from pipeline.sampling.adaptive import round_ends, run_adaptive
 from pipeline.sampling.strategies import run_fixed
-from pipeline.stats.sequential_cascade import AdaptiveSettings, certificate_radius, certify_cascade_sequential
+from pipeline.stats.sequential_cascade import certificate_radius, certify_cascade_sequential
 from pipeline.stats.analytic import EXAMPLE_CASCADE_INPUTS, LinearBinary, example_cascade
 from pipeline.sampling.noise import NOISE_CHUNK, Phase
 from pipeline.errors import UserError
@@ -134,8 +135,9 @@ def test_adaptive_single_scale_violations_at_most_alpha(distance: float) -> None
     sigma, trials, model = 0.5, 2000, LinearBinary(weights=np.array([1.0]), bias=0.0)
     x = np.full((trials, 1), distance)
     probabilities = model.probabilities(x, sigma)[:, None, :]
-    settings = AdaptiveSettings(sigmas=(sigma,), n_select=20, n_max=4096, alpha=ALPHA, radius_tolerance=0.0)
-    outcome = run_adaptive(MultinomialVotes(probabilities, seed=11), trials, settings)
+    config = CertifyConfig(sigmas=(sigma,), n_select=20, n=4096, alpha=ALPHA, strategy="adaptive",
+                           radius_tolerance=0.0)
+    outcome = run_adaptive(MultinomialVotes(probabilities, seed=11), trials, config)
     violations = over_claims(outcome.result.prediction, outcome.result.radius, model.smoothed_class(x),
                              model.true_radius(x))
     assert violations.mean() <= ALPHA + tolerance(trials)
@@ -147,13 +149,13 @@ def test_adaptive_single_scale_violations_at_most_alpha(distance: float) -> None
 
 
 def test_adaptive_cascade_violations_at_most_alpha() -> None:
-    """The three-scale analytic cascade at inputs covering every branch of method.md §4 (certificates
+    """The three-scale analytic cascade at inputs covering every branch of the cascade (certificates
     at each stage, caps from earlier stages, the sigma=1.0 boundary)."""
     model, trials = example_cascade(), 250
     names = list(EXAMPLE_CASCADE_INPUTS)
     u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
-    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA)
-    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=12), len(u), settings)
+    config = CertifyConfig(sigmas=model.sigmas, n_select=30, n=4096, alpha=ALPHA, strategy="adaptive")
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=12), len(u), config)
     true_class = model.population_prediction(u)
     violations = over_claims(outcome.result.prediction, outcome.result.radius, true_class,
                              model.true_radius(u, outcome.result.prediction))
@@ -169,11 +171,13 @@ def test_adaptive_saves_samples_and_replays_from_its_counts() -> None:
     model, trials = example_cascade(), 50
     u = np.repeat(list(EXAMPLE_CASCADE_INPUTS.values()), trials)
     probabilities = model.probabilities(u)
-    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=0.01)
-    adaptive = run_adaptive(MultinomialVotes(probabilities, seed=1), len(u), settings)
-    fixed = run_fixed(MultinomialVotes(probabilities, seed=2), len(u), model.sigmas, 30, 4096, 0.01)
+    config = CertifyConfig(sigmas=model.sigmas, n_select=30, n=4096, alpha=0.01, strategy="adaptive")
+    adaptive = run_adaptive(MultinomialVotes(probabilities, seed=1), len(u), config)
+    fixed = run_fixed(MultinomialVotes(probabilities, seed=2), len(u),
+                      CertifyConfig(sigmas=model.sigmas, n_select=30, n=4096, alpha=0.01, routing="cascade"))
     assert adaptive.forward_passes < 0.6 * fixed.forward_passes
-    replayed = certify_cascade_sequential(adaptive.select_counts, adaptive.estimate_counts, model.sigmas, 0.01)
+    replayed = certify_cascade_sequential(adaptive.select_counts, adaptive.estimate_counts, model.sigmas,
+                                          config.rule)
     np.testing.assert_array_equal(replayed.prediction, adaptive.result.prediction)
     np.testing.assert_array_equal(replayed.radius, adaptive.result.radius)
 
@@ -182,7 +186,7 @@ def test_certify_sequential_reads_like_the_fixed_cascade() -> None:
     """Hand-checkable single scale: the radius is sigma·Φ⁻¹(p̲) with p̲ the sequence's lower bound."""
     select = np.array([[[50, 0]], [[0, 50]], [[25, 25]]])
     estimate = np.array([[[990, 10]], [[300, 700]], [[480, 520]]])
-    result = certify_cascade_sequential(select, estimate, [0.5], 0.01)
+    result = certify_cascade_sequential(select, estimate, [0.5], CascadeRule(0.01))
     lower = sequence_lower(990, 1000, 0.01)
     assert result.prediction.tolist() == [0, 1, -1]
     assert result.radius[0] == pytest.approx(0.5 * ndtri(lower))
@@ -207,8 +211,9 @@ def test_target_radius_claims_at_most_alpha_below_the_true_radius(distance: floa
     the target R = 0.25, peeking Clopper-Pearson on the same looks claims R far more often than alpha."""
     sigma, trials, model = 0.5, 2000, LinearBinary(weights=np.array([1.0]), bias=0.0)
     x = np.full((trials, 1), distance)
-    settings = AdaptiveSettings(sigmas=(sigma,), n_select=20, n_max=4096, alpha=ALPHA, target_radii=targets)
-    outcome = run_adaptive(MultinomialVotes(model.probabilities(x, sigma)[:, None, :], seed=21), trials, settings)
+    config = CertifyConfig(sigmas=(sigma,), n_select=20, n=4096, alpha=ALPHA, strategy="adaptive",
+                           target_radii=targets)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(x, sigma)[:, None, :], seed=21), trials, config)
     result = outcome.result
     assert set(np.unique(result.radius)) <= {0.0, *targets}
     violations = over_claims(result.prediction, result.radius, model.smoothed_class(x), model.true_radius(x))
@@ -229,9 +234,9 @@ def test_target_radius_cascade_claims_at_most_alpha(routing: str) -> None:
     names = list(EXAMPLE_CASCADE_INPUTS)
     u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
     targets = (0.1001, 0.3, 0.5001, 1.0001)
-    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA, routing=routing,
-                                target_radii=targets)
-    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=13), len(u), settings)
+    config = CertifyConfig(sigmas=model.sigmas, n_select=30, n=4096, alpha=ALPHA, strategy="adaptive",
+                           routing=routing, target_radii=targets)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=13), len(u), config)
     result = outcome.result
     violations = over_claims(result.prediction, result.radius, model.population_prediction(u),
                              model.true_radius(u, result.prediction))
@@ -239,8 +244,8 @@ def test_target_radius_cascade_claims_at_most_alpha(routing: str) -> None:
     assert np.all(rates <= ALPHA + tolerance(trials)), dict(zip(names, rates))
     claimed = (result.radius == 0.3).reshape(len(names), trials).mean(axis=1)
     assert claimed[names.index("sigma 0.5 certifies, cap from 1.0 binds (tight)")] > 0.5
-    replayed = certify_cascade_sequential(outcome.select_counts, outcome.estimate_counts, model.sigmas, ALPHA,
-                                          routing=routing, target_radii=targets)
+    replayed = certify_cascade_sequential(outcome.select_counts, outcome.estimate_counts, model.sigmas,
+                                          CascadeRule(ALPHA, routing=routing), target_radii=targets)
     np.testing.assert_array_equal(replayed.radius, result.radius)
     if routing == "best":
         assert outcome.consulted.all()
@@ -252,8 +257,9 @@ def test_adaptive_routings_violate_at_most_alpha(routing: str) -> None:
     model, trials = example_cascade(), 150
     names = list(EXAMPLE_CASCADE_INPUTS)
     u = np.repeat([EXAMPLE_CASCADE_INPUTS[name] for name in names], trials)
-    settings = AdaptiveSettings(sigmas=model.sigmas, n_select=30, n_max=4096, alpha=ALPHA, routing=routing)
-    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=14), len(u), settings)
+    config = CertifyConfig(sigmas=model.sigmas, n_select=30, n=4096, alpha=ALPHA, strategy="adaptive",
+                           routing=routing)
+    outcome = run_adaptive(MultinomialVotes(model.probabilities(u), seed=14), len(u), config)
     result = outcome.result
     violations = over_claims(result.prediction, result.radius, model.population_prediction(u),
                              model.true_radius(u, result.prediction))
@@ -273,31 +279,32 @@ def test_routing_reads_the_stages_sampled_and_best_takes_the_largest() -> None:
     select = np.array([[[30, 0, 0], [30, 0, 0]]])
     estimate = np.array([[[600, 200, 200], [1000, 0, 0]]])
     sigmas = [0.5, 0.25]
-    first_only = certify_cascade_sequential(select[:, :1], estimate[:, :1], sigmas[:1], 0.01)
-    both = certify_cascade_sequential(select, estimate, sigmas, 0.01)
-    best = certify_cascade_sequential(select, estimate, sigmas, 0.01, routing="best")
-    stage_0 = certify_cascade_sequential(select * [[[1], [0]]], estimate * [[[1], [0]]], sigmas, 0.01)
+    rule, best_rule = CascadeRule(0.01), CascadeRule(0.01, routing="best")
+    first_only = certify_cascade_sequential(select[:, :1], estimate[:, :1], sigmas[:1], rule)
+    both = certify_cascade_sequential(select, estimate, sigmas, rule)
+    best = certify_cascade_sequential(select, estimate, sigmas, best_rule)
+    stage_0 = certify_cascade_sequential(select * [[[1], [0]]], estimate * [[[1], [0]]], sigmas, rule)
     assert stage_0.stage.tolist() == [0] and 0 < stage_0.radius[0] < 0.1
     assert both.stage.tolist() == [1] and best.stage.tolist() == [1] and both.radius[0] == best.radius[0]
     assert best.radius[0] > stage_0.radius[0] > 0 and best.prediction.tolist() == [0]
     assert first_only.radius[0] > stage_0.radius[0]  # one scale: alpha split over 1 interval, not 3
-    targets = certify_cascade_sequential(select, estimate, sigmas, 0.01, routing="best", target_radii=(0.05, 0.3))
+    targets = certify_cascade_sequential(select, estimate, sigmas, best_rule, target_radii=(0.05, 0.3))
     assert targets.radius.tolist() == [0.3]
     assert certificate_radius(np.array([0.04, 0.05, 0.29, 0.31]), (0.05, 0.3)).tolist() == [0.0, 0.05, 0.05, 0.3]
     with pytest.raises(UserError):  # best routing samples every scale
-        certify_cascade_sequential(select * [[[1], [0]]], estimate * [[[1], [0]]], sigmas, 0.01, routing="best")
+        certify_cascade_sequential(select * [[[1], [0]]], estimate * [[[1], [0]]], sigmas, best_rule)
     with pytest.raises(UserError):  # a gap: stage 1 without stage 0
-        certify_cascade_sequential(select * [[[0], [1]]], estimate * [[[0], [1]]], sigmas, 0.01)
+        certify_cascade_sequential(select * [[[0], [1]]], estimate * [[[0], [1]]], sigmas, rule)
 
 
 def test_target_radius_needs_fewer_samples_than_the_general_mode() -> None:
     """Same analytic inputs: proving fixed radii stops long before the radius itself is settled."""
     model, trials = example_cascade(), 20
     u = np.repeat(list(EXAMPLE_CASCADE_INPUTS.values()), trials)
-    general = run_adaptive(MultinomialVotes(model.probabilities(u), seed=3), len(u),
-                           AdaptiveSettings(model.sigmas, 30, 4096, alpha=0.01))
+    config = CertifyConfig(sigmas=model.sigmas, n_select=30, n=4096, alpha=0.01, strategy="adaptive")
+    general = run_adaptive(MultinomialVotes(model.probabilities(u), seed=3), len(u), config)
     target = run_adaptive(MultinomialVotes(model.probabilities(u), seed=3), len(u),
-                          AdaptiveSettings(model.sigmas, 30, 4096, alpha=0.01, target_radii=(0.25, 0.5)))
+                          config.replace(target_radii=(0.25, 0.5)))
     assert target.forward_passes < 0.5 * general.forward_passes
 
 
@@ -344,7 +351,8 @@ def test_adaptive_votes_are_a_prefix_of_the_fixed_run(tiny_fused) -> None:
     images = np.random.default_rng(1).random((2, 1, 16, 16), dtype=np.float32)
     sigmas, n_max = (0.5, 0.25), 256
     source = FusedVoteSource(tiny_fused, images, [0, 1], sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: n_max}, 0)
-    outcome = run_adaptive(source, 2, AdaptiveSettings(sigmas, 16, n_max, alpha=0.2, first_round=64))
+    config = CertifyConfig(sigmas=sigmas, n_select=16, n=n_max, alpha=0.2, strategy="adaptive")
+    outcome = run_adaptive(source, 2, config, first_round=64)
     used = outcome.estimate_counts.sum(axis=2)
     rows, stages = np.nonzero(used)
     prefix = source.votes(VoteRequests(rows, stages, np.full(len(rows), int(Phase.ESTIMATE)),
@@ -357,10 +365,8 @@ def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_pat
     certificates, including the routing (which stages have rows)."""
     from safetensors.torch import save_file
 
-    from pipeline.app.reduce import reduce_adaptive
+    from pipeline.app.reduce import reduce
     from pipeline.distributed.actor import CascadeActor
-    from pipeline.sampling.strategies import SamplingConfig
-    from pipeline.store.counts import counts_to_arrays
     from pipeline.models.digits import new_digits_scheduler
     from pipeline.models.spec import ModelSpec
     from pipeline.store.shards import read_shards
@@ -371,32 +377,33 @@ def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_pat
     save_file({k: v.contiguous() for k, v in tiny_fused.classifier.network.state_dict().items()},
               str(tmp_path / "classifier" / "classifier.safetensors"))
     spec = ModelSpec(str(tmp_path / "denoiser"), "digits", str(tmp_path / "classifier"), 10, in_chans=1)
-    config = SamplingConfig((0.5, 0.25, 0.125), 16, 256, seed=0, alpha=0.3, alpha_mode="union", p0=0.5,
-                            strategy="adaptive")
-    settings = AdaptiveSettings(config.sigmas, 16, 256, alpha=0.3)
+    config = CertifyConfig(sigmas=(0.5, 0.25, 0.125), n_select=16, n=256, alpha=0.3, strategy="adaptive", seed=0)
     images = np.random.default_rng(2).random((3, 1, 16, 16), dtype=np.float32)
     ids, labels = np.array([3, 8, 9]), np.array([1, 2, 3])
-    actor = CascadeActor(spec, config, samples_per_forward=200, counts_dir=str(tmp_path / "counts"),
+    actor = CascadeActor(spec, config, batch_size=200, counts_dir=str(tmp_path / "counts"),
                          shard_metadata={}, prior={})
     assert actor({"image": images, "image_id": ids, "label": labels})["rows"][0] >= 3
-    results = reduce_adaptive(counts_to_arrays(read_shards(str(tmp_path / "counts")), settings.sigmas), 0.3, 0.5)
-    source = FusedVoteSource(tiny_fused, images, ids, settings.sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: 256}, 0)
-    direct = run_adaptive(source, 3, settings)
+    results = reduce(read_shards(str(tmp_path / "counts")), config)
+    source = FusedVoteSource(tiny_fused, images, ids, config.sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: 256}, 0)
+    direct = run_adaptive(source, 3, config)
     assert results["image_id"].to_pylist() == ids.tolist()
     np.testing.assert_array_equal(results["prediction"].to_numpy(), direct.result.prediction)
     np.testing.assert_allclose(results["radius"].to_numpy(), direct.result.radius)
 
 
 def test_target_radius_flag_needs_adaptive_and_positive_radii(monkeypatch) -> None:
-    """--target-radius is refused without --adaptive and for radii <= 0; it is sorted into the config."""
+    """--target-radius is refused without --adaptive and for radii <= 0 (by CertifyConfig, whose error the
+    CLI spells with its flags); it is sorted into the config."""
     from pipeline.app.args import build_parser, request_from_args
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     parser = build_parser("digits", "test")
-    with pytest.raises(UserError, match="--adaptive"):
+    with pytest.raises(ConfigError) as refused:
         request_from_args(parser.parse_args(["--target-radius", "0.5", "--device", "cpu"]))
+    flags = {"target_radii": "--target-radius", "adaptive": "--adaptive"}
+    assert refused.value.with_names(flags).startswith("--target-radius needs --adaptive")
     with pytest.raises(UserError, match="positive"):
         request_from_args(parser.parse_args(["--adaptive", "--target-radius", "0", "--device", "cpu"]))
     request = request_from_args(parser.parse_args(["--adaptive", "--target-radius", "0.5", "--target-radius", "0.25",
                                                    "--device", "cpu"]))
-    assert request.sampling.target_radii == (0.25, 0.5) and request.sampling.strategy == "adaptive"
+    assert request.config.target_radii == (0.25, 0.5) and request.config.strategy == "adaptive"

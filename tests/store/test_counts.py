@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import CascadeRule
 from pipeline.stats.cascade import certify_cascade
 from pipeline.store.counts import COUNTS_SCHEMA, counts_table, counts_to_arrays, read_counts
 from pipeline.errors import UserError
@@ -79,7 +80,7 @@ def test_reduce_job_on_hand_made_counts(tmp_path):
     results = pq.read_table(out)
     assert results.schema == RESULTS_SCHEMA
     arrays = counts_to_arrays(hand_made_counts())
-    expected = certify_cascade(arrays.select_counts, arrays.estimate_counts, arrays.sigmas, 0.01)
+    expected = certify_cascade(arrays.select_counts, arrays.estimate_counts, arrays.sigmas, CascadeRule(alpha=0.01))
     np.testing.assert_array_equal(results["image_id"].to_numpy(), [3, 5, 7])
     np.testing.assert_array_equal(results["prediction"].to_numpy(), expected.prediction)
     np.testing.assert_allclose(results["radius"].to_numpy(), expected.radius)
@@ -125,7 +126,7 @@ def test_reduce_counts_every_scale_of_the_run_in_the_alpha_split(tmp_path):
     zeros = np.zeros((2, 2, 2), np.int64)
     select = np.concatenate([np.array([[[0, 20]], [[0, 20]]]), zeros], axis=1)
     estimate = np.concatenate([np.array([[[3, 97]], [[10, 90]]]), zeros], axis=1)
-    expected = certify_cascade(select, estimate, [0.5, 0.25, 0.125], 0.001)
+    expected = certify_cascade(select, estimate, [0.5, 0.25, 0.125], CascadeRule(alpha=0.001))
     np.testing.assert_allclose(pq.read_table(three)["radius"].to_numpy(), expected.radius)
     assert (pq.read_table(three)["radius"].to_numpy() < pq.read_table(one)["radius"].to_numpy()).all()
 

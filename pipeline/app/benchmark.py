@@ -1,0 +1,280 @@
+"""The benchmark job's driver (jobs/benchmark.py): its flags, the digits models and settings every
+section runs on, and which sections run; the sections themselves are pipeline/perf/benchmark.py and the
+table pipeline/perf/benchmark_table.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.app.presets import get_preset
+from pipeline.config import CertifyConfig
+from pipeline.errors import UserError
+from pipeline.models.precision import PRECISION_CHOICES, resolve_precision
+from pipeline.models.spec import ModelSpec
+from pipeline.perf.benchmark import (
+    BenchmarkImages,
+    adaptive_vs_fixed,
+    early_exit,
+    flops_section,
+    fused_vs_reference,
+    machine_info,
+    main_job,
+    raw_fused,
+    ray_pipeline,
+)
+from pipeline.perf.benchmark_table import markdown
+from pipeline.sampling.kernel import FusedDenoiseClassify, default_device
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # --main-job runs jobs/certify.py from here
+
+HELP = """Measure the certifier's speed against the published sampling loop, Ray Data and the hardware.
+
+    python jobs/benchmark.py                          # digits, CPU or GPU, all sections (15-30 min on 2 cores)
+    python jobs/benchmark.py --quick --skip-ray       # tiny sizes, random weights: a smoke test
+    python jobs/benchmark.py --gpu-check              # ImageNet-size UNet + classifier, bf16, MFU (GPU)
+
+Writes OUT/benchmark.json and OUT/benchmark.md and prints the table. Every figure is a ratio of two
+runs made back to back in this process; the load average of the machine is recorded with them.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=HELP.strip().splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
+    parser.add_argument("--preset", default="digits", help="data and models to benchmark (only digits; "
+                        "ImageNet-size models: --gpu-check)")
+    parser.add_argument("--out", default="outputs/benchmark", help="directory for benchmark.json / benchmark.md")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                        help="arithmetic of every timed section, as certify's --precision (auto: bf16 on GPUs "
+                             "and on CPUs with native bf16)")
+    parser.add_argument("--num-images", type=int, default=8, help="images for the throughput sections")
+    parser.add_argument("--n", type=int, default=1000, help="estimation samples per image and scale")
+    parser.add_argument("--n-select", type=int, help="selection samples (preset default)")
+    parser.add_argument("--batch-size", type=int, help="samples per fused forward (preset default); the "
+                        "reference loop uses the same batch unless --reference-batch")
+    parser.add_argument("--reference-batch", type=int, help="batch of the reference-style loop")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repetitions of fused vs reference (median)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads in this process (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--denoiser", help="digits denoiser directory (default: the cached embedded model)")
+    parser.add_argument("--random-models", action="store_true",
+                        help="randomly initialised digits architectures (throughput only; no cache needed)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and random models: checks that every section runs, not speed")
+    parser.add_argument("--skip-ray", action="store_true", help="skip the Ray Data sections")
+    parser.add_argument("--main-job", action="store_true",
+                        help="only time `python jobs/certify.py` from an empty model cache, then cached "
+                             "(about 5 minutes on 2 cores; run it on an idle machine)")
+    parser.add_argument("--ray-efficiency", action="store_true",
+                        help="only the Ray Data pipeline against the raw fused step on all scales, with as many "
+                             "single-threaded actors as --threads (the target's workload: --num-images 100 "
+                             "--n 10000; about 30 minutes with --threads 2 on 2 cores)")
+    parser.add_argument("--skip-adaptive", action="store_true", help="skip adaptive vs fixed n")
+    parser.add_argument("--skip-throughput", action="store_true",
+                        help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")
+    parser.add_argument("--adaptive-images", type=int, default=100, help="images for adaptive vs fixed n")
+    parser.add_argument("--n-max", type=int, default=10_000, help="n of the fixed run = n_max of the adaptive run")
+    parser.add_argument("--radius-tolerance", type=float, default=0.05,
+                        help="adaptive: stop once the radius is within this of what n_max would give")
+    parser.add_argument("--target-radius", type=float, action="append", default=None, metavar="R",
+                        help="target-radius runs to compare (repeatable; default 0.25, 0.5, 0.75): each R alone, "
+                             "then all together")
+    parser.add_argument("--vote-cache", type=Path, help="adaptive vs fixed n: .npz of the votes drawn (read if "
+                        "present, written after): re-evaluate the rules without re-running the network")
+    parser.add_argument("--tolerance-sweep", default="0,0.01,0.02,0.1",
+                        help="comma-separated further radius tolerances to evaluate on the same votes ('' for none)")
+    gpu = parser.add_argument_group("GPU")
+    gpu.add_argument("--gpu-check", action="store_true",
+                     help="only time an ImageNet-size guided-diffusion UNet + timm classifier (random weights)")
+    gpu.add_argument("--finetune-memory", action="store_true",
+                     help="with --gpu-check: also the peak memory of ImageNet fine-tuning steps (ADM-256 layout, "
+                          "LoRA rank 16, batch --finetune-batch, gradient checkpointing, bf16)")
+    gpu.add_argument("--finetune-batch", type=int, default=8, help="images per step for --finetune-memory (default 8)")
+    gpu.add_argument("--tiny", action="store_true", help="--gpu-check with a 32x32 UNet (runs on CPU)")
+    gpu.add_argument("--gpu-classifier", default="resnet50", help="timm classifier for --gpu-check")
+    gpu.add_argument("--compile", action="store_true",
+                     help="also time a tuned fused step: torch.compile (compilation excluded; "
+                          "up to minutes on a CPU); with --gpu-check: compile the checked step")
+    gpu.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s for MFU (default: known GPUs)")
+    return parser
+
+
+def resolve_device(choice: str) -> torch.device:
+    """--device: auto is the kernel's default device; cuda must be visible in this process (every
+    section runs here, not on a cluster)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is visible")
+    return default_device() if choice == "auto" else torch.device(choice)
+
+
+def digits_models(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, torch.nn.Module, ModelSpec]:
+    """(denoiser, classifier, ModelSpec) — random weights are saved to `workdir` so Ray actors can load them."""
+    from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
+    from pipeline.models.digits import (
+        digits_classifier_dir,
+        digits_denoiser_dir,
+        load_digits_classifier,
+        new_digits_classifier,
+        new_digits_scheduler,
+        new_digits_unet,
+    )
+
+    if args.random_models:
+        from safetensors.torch import save_file
+
+        torch.manual_seed(args.seed)
+        unet, scheduler, classifier = new_digits_unet(), new_digits_scheduler(), new_digits_classifier().eval()
+        denoiser_dir, classifier_dir = workdir / "denoiser", workdir / "classifier"
+        unet.save_pretrained(denoiser_dir, safe_serialization=True)
+        scheduler.save_pretrained(denoiser_dir)
+        classifier_dir.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in classifier.network.state_dict().items()},
+                  str(classifier_dir / "classifier.safetensors"))
+        denoiser = denoiser_from_parts(unet.eval(), scheduler)
+    else:
+        denoiser_dir = Path(args.denoiser) if args.denoiser else digits_denoiser_dir()
+        classifier_dir = digits_classifier_dir()
+        denoiser, classifier = load_denoiser(denoiser_dir), load_digits_classifier(classifier_dir)
+    spec = ModelSpec(str(denoiser_dir), "digits", str(classifier_dir), 10, in_chans=1, precision=args.precision)
+    return denoiser, classifier, spec
+
+
+def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """The digits sections: fused vs reference, early exit, FLOPs and Ray (unless skipped), then adaptive
+    vs fixed n; or, with --ray-efficiency, only Ray Data against the raw fused step."""
+    from pipeline.data.digits import load_digits_split
+
+    if args.preset != "digits":
+        raise UserError("the benchmark runs on --preset digits; for ImageNet-size models use --gpu-check")
+    preset = get_preset(args.preset)
+    split = load_digits_split()
+    denoiser, classifier, spec = digits_models(args, workdir)
+    batch_size = args.batch_size or preset.batch_size
+    fused = FusedDenoiseClassify(denoiser, classifier, preset.num_classes, device=device, batch_size=batch_size,
+                                 precision=args.precision)
+    count = max(args.num_images, args.adaptive_images if not args.skip_adaptive else 0)
+    # The published cascade routing (not the CLI's continue default): what the targets were set on.
+    config = CertifyConfig(preset.sigmas, n_select=args.n_select or preset.n_select, n=args.n, alpha=preset.alpha,
+                           routing="cascade", seed=args.seed)
+    everything = BenchmarkImages(split.test_images[:count], np.arange(count), split.test_labels[:count], config)
+    report: dict = {"machine": machine_info(device), "settings": vars(args), "preset": preset.name,
+                    "denoiser": spec.denoiser}
+    if args.ray_efficiency:
+        work = everything.subset(args.num_images)
+        print(f"[benchmark] raw fused step vs Ray Data: {work.all_scales_samples} samples each", flush=True)
+        raw_counts, raw_s = raw_fused(fused, work)
+        report["ray"] = ray_pipeline(spec, work, fused.batch_size, fused.device.type == "cuda", raw_counts,
+                                     raw_s, workdir, actor_counts=(torch.get_num_threads(),))
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+        return report
+    if not args.skip_throughput:
+        report.update(throughput_sections(args, fused, spec, everything.subset(args.num_images), workdir))
+    if args.skip_adaptive:
+        report["adaptive"] = {"skipped": True}
+    else:
+        chosen = everything.subset(args.adaptive_images)
+        adaptive_work = replace(chosen, config=chosen.config.replace(n=args.n_max))
+        print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images", flush=True)
+        report["adaptive"] = adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance,
+                                               args.tolerance_sweep, args.target_radius, args.vote_cache)
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return report
+
+
+def throughput_sections(args: argparse.Namespace, fused: FusedDenoiseClassify, spec: ModelSpec,
+                        work: BenchmarkImages, workdir: Path) -> dict:
+    """Fused step vs the reference loop (and a compiled copy with --compile), early exit vs all scales,
+    FLOPs, and Ray Data unless --skip-ray."""
+    from pipeline.perf.tuning import tuned_copy
+
+    print(f"[benchmark] fused step vs reference loop: {work.all_scales_samples} samples each", flush=True)
+    tuned = tuned_copy(fused) if args.compile else None
+    versus = fused_vs_reference(fused, work, args.reference_batch or fused.batch_size, args.repeats, tuned)
+    all_scales_counts = versus.pop("_fused_counts")
+    print("[benchmark] early exit vs all scales", flush=True)
+    report = {
+        "fused_vs_reference": versus,
+        "early_exit": early_exit(fused, work, all_scales_counts, versus["fused_s"]),
+        "flops": flops_section(fused, tuple(work.images.shape[1:]), work.config.sigmas[0],
+                               versus["fused_samples_per_s"], args.peak_tflops),
+        "ray": {"skipped": True},
+    }
+    if not args.skip_ray:
+        print("[benchmark] Ray Data pipeline, 1 and 2 actors", flush=True)
+        report["ray"] = ray_pipeline(spec, work, fused.batch_size, fused.device.type == "cuda", all_scales_counts,
+                                     versus["fused_s"], workdir)
+    return report
+
+
+def settle_arguments(args: argparse.Namespace) -> None:
+    """--quick's sizes, the range checks and the parsed --target-radius / --tolerance-sweep, in place
+    (benchmark.json records the arguments as the sections saw them)."""
+    if args.quick:
+        args.num_images, args.n, args.n_select = 2, 64, 16
+        args.adaptive_images, args.n_max, args.random_models = 2, 256, True
+        args.batch_size = args.batch_size or 128
+    for name in ("num_images", "n", "adaptive_images", "n_max", "repeats"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    args.target_radius = tuple(sorted(set(args.target_radius or (0.25, 0.5, 0.75))))
+    try:
+        args.tolerance_sweep = [float(t) for t in args.tolerance_sweep.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--tolerance-sweep must be comma-separated numbers, got {args.tolerance_sweep!r}") from None
+
+
+def gpu_sections(args: argparse.Namespace, device: torch.device) -> dict:
+    """--gpu-check: an ImageNet-size UNet + timm classifier, and with --finetune-memory the peak memory
+    of fine-tuning steps."""
+    from pipeline.perf.gpu_check import (
+        FinetuneMemorySettings,
+        GpuCheckSettings,
+        run_finetune_memory_check,
+        run_gpu_check,
+    )
+
+    settings = GpuCheckSettings(classifier=args.gpu_classifier, tiny=args.tiny, compile=args.compile,
+                                batch_size=args.batch_size, peak_tflops=args.peak_tflops,
+                                timed_batches=2 if args.quick else 4)
+    report = {"machine": machine_info(device), "settings": vars(args), "gpu_check": run_gpu_check(settings, device)}
+    if args.finetune_memory:
+        report["finetune_memory"] = run_finetune_memory_check(
+            FinetuneMemorySettings(classifier=args.gpu_classifier, tiny=args.tiny, batch_size=args.finetune_batch),
+            device)
+    return report
+
+
+def benchmark(args: argparse.Namespace) -> str:
+    """Run the sections the flags ask for, write OUT/benchmark.json and OUT/benchmark.md; returns the table."""
+    settle_arguments(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    args.precision = resolve_precision(args.precision, device.type == "cuda")
+    if args.gpu_check and device.type != "cuda" and not args.tiny:
+        raise UserError("--gpu-check times ImageNet-size models and needs a GPU; add --tiny to run its code path "
+                        "on CPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mdds-benchmark-") as tmp:
+        if args.main_job:
+            report = {"machine": machine_info(device), "settings": vars(args),
+                      "main_job": main_job(REPO_ROOT, Path(tmp))}
+        elif args.gpu_check:
+            report = gpu_sections(args, device)
+        else:
+            report = run_benchmark(args, device, Path(tmp))
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    (out / "benchmark.md").write_text(table)
+    return table
