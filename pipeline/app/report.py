@@ -1,4 +1,4 @@
-"""Reports: certified accuracy at fixed radii, ACR, a markdown table and a curve (method.md §7)."""
+"""Reports: certified accuracy at fixed radii, ACR, a markdown table and a curve (docs/statistics.md, "Reports")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fine-tuning the diffusion denoiser for the multi-scale cascade (method.md §6); imports torch, Ray Train, peft.
+"""Fine-tuning the diffusion denoiser for the multi-scale cascade (docs/finetuning.md); imports torch, Ray Train, peft.
 
 loss.py holds the objective (pure torch), weights.py the trainable UNet (full or LoRA), its checkpoint
 state and the export to a diffusers directory, train_loop.py the Ray Train worker function, trainer.py the

@@ -1,4 +1,4 @@
-"""The fine-tuning objective of method.md §6, one function per term.
+"""The fine-tuning objective (docs/finetuning.md, "The objective"), one function per term.
 
 L = L_diff + λ·(L_recoverable + η·L_anti). The classifier f is frozen: its parameters get no
 gradient, but gradients flow *through* it into the denoiser D, which is what is trained. Every

@@ -1,4 +1,4 @@
-"""The Ray Train worker function: DDP fine-tuning of the denoiser with the §6 objective.
+"""The Ray Train worker function: DDP fine-tuning of the denoiser with the fine-tuning objective (docs/finetuning.md).
 
 Each worker loads the base denoiser and the frozen classifier, wraps the trainable UNet (full or
 LoRA) in DDP, and trains on its own shard of the "train" dataset (rows {"image_id", "label",

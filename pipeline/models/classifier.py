@@ -3,7 +3,7 @@
 Certification adds noise in the classifier's *input* space, so resizing and normalization belong to
 the model, not to the data loader: `NormalizedClassifier` carries them. The resize uses the
 interpolation the network was trained with (timm's data config, or a Hugging Face image processor
-config): method.md §2a, and Carlini et al. resize to BEiT's 512 with bicubic, antialiased.
+config): docs/denoised-smoothing.md, and Carlini et al. resize to BEiT's 512 with bicubic, antialiased.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""One-shot diffusion denoiser (method.md §2): a DDPM UNet used as a single-step x̂₀ estimator.
+"""One-shot diffusion denoiser (docs/denoised-smoothing.md): a DDPM UNet used as a single-step x̂₀ estimator.
 
 Gaussian noise of std sigma on an image in [0, 1] is noise of std 2·sigma in the model's [-1, 1]
 space; scaling by sqrt(ᾱ_t*) turns the noisy image into (approximately) a forward-diffusion sample at
 the step t* whose noise level matches, so one network call predicts the clean image. That holds only
-if the UNet sees that noise *white* (method.md §2a), which decides how an input whose size is not the
+if the UNet sees that noise *white* (docs/denoised-smoothing.md, "The noise must reach the UNet white"), which decides how an input whose size is not the
 UNet's is brought to it (`fit`):
 - ``pad`` (default): reflection-pad the [-1, 1] input to the UNet's size, run it, center-crop x̂₀ back
   (the published multi-scale code's CropWrapper). Every UNet input pixel is a copy of one input pixel.
@@ -67,7 +67,7 @@ class OneShotDenoiser(torch.nn.Module):
         self.provenance: str | None = None  # "fine-tuned from BASE by run NAME (...)", for the report header
 
     def timestep_for_sigma(self, sigma: float) -> int:
-        """t* = the first t with sqrt(ᾱ_t) <= 1/sqrt(1 + (2·sigma)²) (method.md §2 step 2)."""
+        """t* = the first t with sqrt(ᾱ_t) <= 1/sqrt(1 + (2·sigma)²) (docs/denoised-smoothing.md, step 3)."""
         if sigma <= 0:
             raise UserError(f"sigma must be positive, got {sigma}")
         target = 1.0 / math.sqrt(1.0 + (2.0 * sigma) ** 2)

@@ -1,4 +1,4 @@
-"""The fused denoise-classify kernel (method.md §2): Monte-Carlo class counts for sample ranges.
+"""The fused denoise-classify kernel (docs/denoised-smoothing.md): Monte-Carlo class counts for sample ranges.
 
 This is the only place that turns noise into votes. A request names samples [start, stop) of one
 (image row, scale, phase); all requested noise chunks of a call — any mix of images, scales and

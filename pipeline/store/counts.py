@@ -294,17 +294,6 @@ def validate_counts_schema(schema: pa.Schema, where: str) -> None:
             raise UserError(f"{where}: column {field.name} has type {actual}, expected {field.type}")
 
 
-def _dense(column: pa.ChunkedArray, name: str) -> np.ndarray:
-    combined = column.combine_chunks()
-    lengths = np.unique(combined.value_lengths().to_numpy(zero_copy_only=False))
-    if len(lengths) != 1:
-        raise UserError(f"{name} rows have different numbers of classes: {lengths.tolist()}")
-    values = combined.flatten().to_numpy(zero_copy_only=False)
-    if values.size and values.min() < 0:
-        raise UserError(f"{name} contains negative counts")
-    return values.astype(np.int64, copy=False).reshape(-1, int(lengths[0]))
-
-
 @dataclass(frozen=True)
 class _RowKeys:
     """Where each row goes in the dense arrays."""
@@ -352,16 +341,37 @@ def counts_to_arrays(table: pa.Table, sigmas: Sequence[float] | None = None) -> 
     scales read from the data alone can undercount and make the union-mode bounds too narrow.
     """
     keys = _row_keys(table["image_id"].to_numpy(), table["label"].to_numpy(), table["sigma"].to_numpy(), sigmas)
-    select, estimate = _dense(table["select_counts"], "select_counts"), _dense(table["estimate_counts"], "estimate_counts")
-    if select.shape[1] != estimate.shape[1]:
+    num_classes = _num_classes(table["select_counts"], "select_counts")
+    if _num_classes(table["estimate_counts"], "estimate_counts") != num_classes:
         raise UserError("select_counts and estimate_counts have different numbers of classes")
-    shape = (len(keys.image_ids), len(keys.sigmas), select.shape[1])
-    select_counts, estimate_counts = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    shape = (len(keys.image_ids), len(keys.sigmas), num_classes)
+    select_counts = _dense(table["select_counts"], "select_counts", keys, shape)
+    estimate_counts = _dense(table["estimate_counts"], "estimate_counts", keys, shape)
     present = np.zeros(shape[:2], dtype=bool)
-    select_counts[keys.row_image, keys.row_scale] = select
-    estimate_counts[keys.row_image, keys.row_scale] = estimate
     present[keys.row_image, keys.row_scale] = True
     return CountsArrays(keys.image_ids, keys.labels, keys.sigmas, select_counts, estimate_counts, present)
+
+
+def _num_classes(column: pa.ChunkedArray, name: str) -> int:
+    lengths = np.unique(np.concatenate([chunk.value_lengths().to_numpy(zero_copy_only=False) for chunk in column.chunks]
+                                       or [np.array([], np.int64)]))
+    if len(lengths) != 1:
+        raise UserError(f"{name} rows have different numbers of classes: {lengths.tolist()}")
+    return int(lengths[0])
+
+
+def _dense(column: pa.ChunkedArray, name: str, keys: _RowKeys, shape: tuple[int, int, int]) -> np.ndarray:
+    """(images, scales, classes) from a list column, chunk by chunk (no combined copy of the column)."""
+    dense = np.zeros(shape, np.int64)
+    start = 0
+    for chunk in column.chunks:
+        values = chunk.flatten().to_numpy(zero_copy_only=False)
+        if values.size and values.min() < 0:
+            raise UserError(f"{name} contains negative counts")
+        rows = slice(start, start + len(chunk))
+        dense[keys.row_image[rows], keys.row_scale[rows]] = values.reshape(len(chunk), shape[2])
+        start += len(chunk)
+    return dense
 
 
 def _same_classes(groups: Iterator[CountsArrays]) -> Iterator[CountsArrays]:

@@ -25,7 +25,7 @@ def average_certified_radius(results: pa.Table) -> float:
 
 
 def certified_wrong(results: pa.Table) -> float:
-    """Fraction of images certified with the wrong class: what fine-tuning (§6) aims to reduce."""
+    """Fraction of images certified with the wrong class: what fine-tuning (docs/finetuning.md) aims to reduce."""
     prediction = results["prediction"].to_numpy()
     correct = results["correct"].to_numpy(zero_copy_only=False)
     return float(np.mean((prediction >= 0) & ~correct)) if results.num_rows else 0.0

@@ -57,7 +57,6 @@ def test_a_100_image_early_exit_run_is_one_execution_with_few_workers(digits_cac
         reached = arrays.present[:, stage - 1]
         sent = np.zeros(100, dtype=bool)
         sent[reached] = needs_next_stage(arrays.select_counts[reached, :stage], arrays.estimate_counts[reached, :stage],
-                                         len(SIGMAS), 0.001, "union", 0.5,
-                                         request.sampling.routing)
+                                         len(SIGMAS), request.config.rule)
         np.testing.assert_array_equal(arrays.present[:, stage], sent)
     assert arrays.present[:, 1].any(), "no image reached the second scale: the routing check would be vacuous"

@@ -1,4 +1,4 @@
-"""The §6 fine-tuning objective against hand computations, and the Ray Train job end to end on a
+"""The fine-tuning objective against hand computations, and the Ray Train job end to end on a
 tiny UNet and classifier (two CPU workers, checkpoint, resume with optimizer state, export)."""
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import CascadeRule
 from pipeline.stats.cascade import certify_cascade, needs_next_stage
 from pipeline.app.certify import CertifyRequest, certify
 from pipeline.app.args import build_parser, request_from_args
@@ -77,15 +78,15 @@ def test_early_exit_samples_only_the_images_the_routing_sends_on(all_scales_run,
     np.testing.assert_array_equal(early.present[:, 0], True)
     reached = np.ones(len(full.image_ids), dtype=bool)
     for stage in (1, 2):
-        reached &= needs_next_stage(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3, 0.001,
-                                    routing=routing)
+        reached &= needs_next_stage(full.select_counts[:, :stage], full.estimate_counts[:, :stage], 3,
+                                    CascadeRule(0.001, routing=routing))
         np.testing.assert_array_equal(early.present[:, stage], reached)
         np.testing.assert_array_equal(early.estimate_counts[reached, stage], full.estimate_counts[reached, stage])
     # every (image, sigma) both strategies sampled has the same counts (same seed, same noise)
     np.testing.assert_array_equal(early.select_counts[early.present], full.select_counts[early.present])
     np.testing.assert_array_equal(early.estimate_counts[early.present], full.estimate_counts[early.present])
     # the certificates are those of the same routing on the all-scales counts
-    expected = certify_cascade(full.select_counts, full.estimate_counts, SIGMAS, 0.001, routing=routing)
+    expected = certify_cascade(full.select_counts, full.estimate_counts, SIGMAS, CascadeRule(0.001, routing=routing))
     results = pq.read_table(tmp_path / "results.parquet")
     np.testing.assert_array_equal(results["prediction"].to_numpy(), expected.prediction)
     np.testing.assert_array_equal(results["radius"].to_numpy(), expected.radius)
@@ -158,7 +159,7 @@ def test_predict_job_writes_predictions(digits_cache, ray_session, tmp_path):
     arrays = counts_to_arrays(sorted_counts(tmp_path), SIGMAS)
     expected, stage = predict_cascade(arrays.estimate_counts, 0.001)
     np.testing.assert_array_equal(table["prediction"].to_numpy(), expected)
-    # early exit by the §5 test: later scales only for images the earlier tests could not decide
+    # early exit by the prediction test: later scales only for images the earlier tests could not decide
     for k in (1, 2):
         np.testing.assert_array_equal(arrays.present[:, k], (stage == -1) | (stage >= k))
     assert "overall accuracy" in summary

@@ -232,7 +232,7 @@ def test_cifar10_job_with_diffusers_unet_and_torchscript_classifier(
         assert line in report
     # Every noisy sample is classified FAVOURED_CLASS, so stage 1 (sigma = 1) certifies it with the
     # one-sided Clopper-Pearson bound for n of n successes, a^(1/n), at the union level a = alpha/5:
-    # three scales were asked for, so 2K - 1 = 5 intervals (method.md §4a), fixed before any count is
+    # three scales were asked for, so 2K - 1 = 5 intervals (docs/statistics.md), fixed before any count is
     # seen, even though early exit never samples sigma 0.5 and 0.25 here.
     assert table["prediction"] == [FAVOURED_CLASS] * 4 and table["sigma"] == [1.0] * 4
     lower_bound = (0.001 / 5) ** (1 / 16)

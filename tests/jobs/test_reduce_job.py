@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.config import CascadeRule
 from pipeline.stats.cascade import certify_cascade
 from pipeline.stats.sequential_cascade import certify_cascade_sequential
 from pipeline.store.counts import counts_table, counts_to_arrays
@@ -72,9 +73,9 @@ def test_adaptive_counts_go_to_the_sequential_reduce(tmp_path: Path, with_config
     done = run_reduce(counts)
     assert done.returncode == 0, done.stderr
     arrays = counts_to_arrays(pq.read_table(counts / "part-a.parquet"), SIGMAS)
-    sequential = certify_cascade_sequential(arrays.select_counts, arrays.estimate_counts, SIGMAS, 0.01,
-                                            routing="continue")  # the run's routing (make_run)
-    clopper_pearson = certify_cascade(arrays.select_counts, arrays.estimate_counts, SIGMAS, 0.01)
+    sequential = certify_cascade_sequential(arrays.select_counts, arrays.estimate_counts, SIGMAS,
+                                            CascadeRule(0.01, routing="continue"))  # the run's routing (make_run)
+    clopper_pearson = certify_cascade(arrays.select_counts, arrays.estimate_counts, SIGMAS, CascadeRule(0.01))
     radius = pq.read_table(counts.parent / "r.parquet")["radius"].to_numpy()
     np.testing.assert_allclose(radius, sequential.radius)
     assert np.all(radius < clopper_pearson.radius)  # not the fixed-n bounds
@@ -129,7 +130,8 @@ def test_routing_defaults_to_the_runs_and_reduces_all_scales_counts_under_every_
     for routing in ("cascade", "continue", "best"):
         done = run_reduce(counts, "--routing", routing, "--overwrite")
         assert done.returncode == 0 and f"routing {routing}" in done.stdout, done.stderr
-        expected = certify_cascade(arrays.select_counts, arrays.estimate_counts, SIGMAS, 0.01, routing=routing)
+        expected = certify_cascade(arrays.select_counts, arrays.estimate_counts, SIGMAS,
+                                   CascadeRule(0.01, routing=routing))
         np.testing.assert_allclose(pq.read_table(counts.parent / "r.parquet")["radius"].to_numpy(), expected.radius)
         # images 1 and 2 fall through 0.5; image 0 is certified there, so only best samples its 0.25
         assert f"| {5 / 3 if routing != 'best' else 2.0:.2f} |" in done.stdout

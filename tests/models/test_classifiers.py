@@ -1,4 +1,4 @@
-"""Classifier kinds and their resize (method.md §2a): timm's data config, Hugging Face transformers models.
+"""Classifier kinds and their resize (docs/denoised-smoothing.md): timm's data config, Hugging Face transformers models.
 
 Every model is built here with random weights; the transformers one is a tiny ViTConfig saved with
 save_pretrained next to its image processor config, loaded offline.

@@ -1,4 +1,4 @@
-"""Denoiser fit (method.md §2a) and the whole denoise-classify path against the published one.
+"""Denoiser fit (docs/denoised-smoothing.md) and the whole denoise-classify path against the published one.
 
 The white-noise test looks at what the UNet is actually given: a stand-in UNet records the moments of
 its input. The parity test rebuilds the published multi-scale path here, from its description (the

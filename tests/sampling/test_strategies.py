@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.sampling.kernel import VoteRequests
 from pipeline.sampling.noise import Phase
-from pipeline.sampling.strategies import BatchCounts, SamplingConfig, make_strategy
+from pipeline.config import CascadeRule, CertifyConfig
+from pipeline.sampling.strategies import BatchCounts, make_strategy
 from pipeline.stats.cascade import needs_next_stage
 
 NUM_CLASSES = 10
@@ -38,11 +39,11 @@ class ScriptedVotes:
         return out
 
 
-def config(strategy: str = "early_exit", **overrides) -> SamplingConfig:
+def config(strategy: str = "early_exit", **overrides) -> CertifyConfig:
     settings = dict(sigmas=SIGMAS, n_select=20, n=200, seed=0, alpha=0.001, alpha_mode="union", p0=0.5,
-                    strategy=strategy)
+                    strategy=strategy, routing="cascade")
     settings.update(overrides)
-    return SamplingConfig(**settings)
+    return CertifyConfig(**settings)
 
 
 def run(strategy, counts: BatchCounts) -> tuple[list[np.ndarray], ScriptedVotes]:
@@ -64,7 +65,7 @@ def test_early_exit_samples_each_scale_only_for_the_images_routed_there():
     # what was routed is exactly the stats rule applied to the counts sampled so far
     for k in (1, 2):
         reached = counts.present[:, k - 1]
-        rule = needs_next_stage(counts.select[reached, :k], counts.estimate[reached, :k], 3, 0.001)
+        rule = needs_next_stage(counts.select[reached, :k], counts.estimate[reached, :k], 3, CascadeRule(0.001))
         np.testing.assert_array_equal(counts.present[reached, k], rule)
 
 
@@ -93,7 +94,7 @@ def test_all_scales_samples_every_missing_cell_in_one_stage():
 
 
 def test_predict_never_draws_selection_votes():
-    stages, source = run(make_strategy(config("predict", n_select=0)), BatchCounts.empty(4, 3, NUM_CLASSES))
+    stages, source = run(make_strategy(config(task="predict", n_select=0)), BatchCounts.empty(4, 3, NUM_CLASSES))
     assert {phase for _, _, phase in source.served} == {int(Phase.ESTIMATE)}
     assert stages[0][:, 0].all()
 
@@ -102,4 +103,4 @@ def test_unknown_strategy_is_a_user_error():
     from pipeline.errors import UserError
 
     with pytest.raises(UserError, match="strategy"):
-        make_strategy(config("fastest"))
+        config("fastest")

@@ -182,3 +182,26 @@ def test_counts_run_settings_on_urls(s3_url):
     assert counts_run_settings(bare) is None
     assert counts_run_settings(f"{s3_url}/missing") is None
 
+
+
+def run_reduce(counts: str, out: str, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/reduce.py", counts, "--out", out, "--routing", "cascade", *flags],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_reduce_job_reads_counts_and_image_list_from_a_url_and_writes_to_one(s3_url, tmp_path):
+    """The job as issue 23 found it failing (`counts not found: s3:/…`), in a process of its own that finds
+    the server through the inherited environment; the same counts reduced on disk are the reference."""
+    run = f"{s3_url}/run"
+    write_counts_dir(f"{run}/counts", None)
+    for name, payload in objects_under(f"{run}/counts").items():
+        (tmp_path / name).write_bytes(payload)
+    local = run_reduce(str(tmp_path), str(tmp_path / "results.parquet"))
+    assert local.returncode == 0, local.stderr
+    remote = run_reduce(f"{run}/counts", f"{run}/results.parquet")
+    assert remote.returncode == 0, remote.stderr
+    assert read_parquet(f"{run}/results.parquet").equals(pq.read_table(tmp_path / "results.parquet"))
+    write_image_ids(run, np.array([0, 1, 2, 3, 99]))  # the run was asked for an image it has no rows of
+    refused = run_reduce(f"{run}/counts", f"{run}/again.parquet")
+    assert refused.returncode == 2 and "1 of 5 image(s) lack the counts" in refused.stderr and "99" in refused.stderr
+    assert "again.parquet" not in objects_under(run)
