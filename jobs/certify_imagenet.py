@@ -20,9 +20,7 @@ scaled to zero). --out must be shared storage.
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # `python jobs/certify_imagenet.py` from a checkout without `pip install -e .`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
 
 from pipeline.app.certify import certify  # noqa: E402
 from pipeline.app.args import build_parser, request_from_args  # noqa: E402

@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.app.cli import run_main
-from pipeline.app.compare import compare, parse_radii
-from pipeline.store.metrics import REPORT_RADII
+from pipeline.app.compare import compare_job
 
 
 def main() -> None:
@@ -22,11 +21,9 @@ def main() -> None:
     parser.add_argument("outs", nargs="+", help="run directories (holding results.parquet) or results files")
     parser.add_argument("--names", help="comma-separated run names for the table and plot (default: directory names)")
     parser.add_argument("--out", help="directory for comparison.md and comparison.png (default: print only)")
-    parser.add_argument("--radii", default=",".join(f"{r:g}" for r in REPORT_RADII),
-                        help="comma-separated radii for certified accuracy (default: %(default)s)")
+    parser.add_argument("--radii", help="comma-separated radii for certified accuracy (default: 0,0.25,0.5,0.75,1)")
     args = parser.parse_args()
-    names = args.names.split(",") if args.names else None
-    print(compare(args.outs, radii=parse_radii(args.radii), names=names, to=args.out))
+    print(compare_job(args.outs, args.names, args.out, args.radii))
 
 
 if __name__ == "__main__":

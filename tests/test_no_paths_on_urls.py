@@ -126,7 +126,8 @@ def test_the_check_covers_the_files_it_should():
     ("p.add_argument('out_dir', type=Path)\n", ["x.py:1: flag out_dir parsed with type=Path"]),
     # the URL is looked at first (refused, or handled by fsspec): allowed
     ("def f(location):\n    if '://' not in location and not Path(location).is_dir():\n        return 1\n", []),
-    ("def f(out_text):\n    if '://' in out_text:\n        raise ValueError(out_text)\n    return Path(out_text)\n", []),
+    ("def f(out_text):\n    if '://' in out_text:\n        raise ValueError(out_text)\n"
+     "    return Path(out_text)\n", []),
     # a check on another expression does not count
     ("def f(out, data):\n    if '://' in data:\n        return\n    return Path(out)\n", ["x.py:4: Path(out)"]),
     # not a location: allowed

@@ -155,3 +155,9 @@ def image_labels(results: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique image ids and their labels."""
     ids, first = np.unique(results["image_id"].to_numpy(), return_index=True)
     return ids, results["label"].to_numpy()[first]
+
+
+def compare_job(outs: Sequence[str], names: str | None, out: str | None, radii: str | None) -> str:
+    """jobs/compare.py: the flags as given (comma-separated names and radii) → `compare`."""
+    return compare(outs, radii=parse_radii(radii) if radii else REPORT_RADII,
+                   names=names.split(",") if names else None, to=out)

@@ -98,18 +98,19 @@ def sample_counts(
             compute=ray.data.ActorPoolStrategy(size=execution.num_actors),
             num_gpus=1 if execution.use_gpu else 0,
             num_cpus=0 if execution.use_gpu else 1,
-            **_forward_env(FAIL_ONCE_ENV),
+            **_forward_env(FAIL_ONCE_ENV, "AWS_ENDPOINT_URL"),
         )
         written = sum(int(row["rows"]) for row in counted.iter_rows())
         logger.info("wrote %d counts rows", written)
     return np.unique(rows_of(counts_dir, image_ids)["image_id"].to_numpy())
 
 
-def _forward_env(name: str) -> dict:
-    """Ray options handing the driver's value of `name` to the actors: workers inherit the environment
-    only of the process that started Ray, not of a driver joining a running instance or a cluster."""
-    value = os.environ.get(name)
-    return {"runtime_env": {"env_vars": {name: value}}} if value else {}
+def _forward_env(*names: str) -> dict:
+    """Ray options handing the driver's values of `names` to the actors: workers inherit the environment
+    only of the process that started Ray, not of a driver joining a running instance or a cluster (an
+    S3-protocol store's AWS_ENDPOINT_URL, docs/storage.md)."""
+    values = {name: os.environ[name] for name in names if os.environ.get(name)}
+    return {"runtime_env": {"env_vars": values}} if values else {}
 
 
 def rows_of(counts_dir: str, image_ids: np.ndarray) -> pa.Table:

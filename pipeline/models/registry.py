@@ -8,6 +8,7 @@ live in pipeline/models/classifier.py (and models/digits.py); the entries adapt 
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,7 @@ def guess_classifier_kind(classifier: str, has_weights: bool) -> tuple[str, str]
         return "py", classifier[len(PY_PREFIX):]
     if classifier.startswith(HF_PREFIX):
         return "hf", classifier[len(HF_PREFIX):]
-    if Path(classifier).suffix in TORCHSCRIPT_SUFFIXES and not has_weights:
+    if posixpath.splitext(classifier)[1] in TORCHSCRIPT_SUFFIXES and not has_weights:
         return "torchscript", classifier
     if _is_hf_directory(classifier):
         return "hf", classifier
