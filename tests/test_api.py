@@ -99,6 +99,14 @@ def test_settings_are_checked_by_the_one_config(smooth):
         smooth.certify(images, image_ids=[3, 3], progress=False)
 
 
+def test_without_labels_nothing_counts_as_correct(smooth):
+    """Label -1 means unknown: an abstention (prediction -1) must not read as a correct prediction."""
+    images, _ = digits_test_set(4)
+    results = smooth.certify(images, n_select=10, n=16, alpha=1e-6, progress=False)  # too few votes: all abstain
+    assert results["prediction"].to_pylist() == [-1] * 4 and results["label"].to_pylist() == [-1] * 4
+    assert not any(results["correct"].to_pylist())
+
+
 # ------------------------------------------------------------------ certify_dataset with a user's nn.Module
 
 

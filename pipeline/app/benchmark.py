@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,9 +20,10 @@ import torch
 
 from pipeline.app.presets import get_preset
 from pipeline.config import CertifyConfig
+from pipeline.data.filesystems import open_location
 from pipeline.errors import UserError
 from pipeline.models.precision import PRECISION_CHOICES, resolve_precision
-from pipeline.models.spec import ModelSpec
+from pipeline.models.spec import ModelSpec, as_denoiser
 from pipeline.perf.benchmark import (
     BenchmarkImages,
     adaptive_vs_fixed,
@@ -33,6 +37,8 @@ from pipeline.perf.benchmark import (
 )
 from pipeline.perf.benchmark_table import markdown
 from pipeline.sampling.kernel import FusedDenoiseClassify, default_device
+from pipeline.store.atomic import write_bytes
+from pipeline.store.run_config import join
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # --main-job runs jobs/certify.py from here
 
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=HELP)
     parser.add_argument("--preset", default="digits", help="data and models to benchmark (only digits; "
                         "ImageNet-size models: --gpu-check)")
-    parser.add_argument("--out", default="outputs/benchmark", help="directory for benchmark.json / benchmark.md")
+    parser.add_argument("--out", default="outputs/benchmark",
+                        help="directory for benchmark.json / benchmark.md (a local path or an fsspec URL)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                         help="arithmetic of every timed section, as certify's --precision (auto: bf16 on GPUs "
@@ -66,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=1, help="timed repetitions of fused vs reference (median)")
     parser.add_argument("--threads", type=int, help="torch CPU threads in this process (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--denoiser", help="digits denoiser directory (default: the cached embedded model)")
+    parser.add_argument("--denoiser", help="digits denoiser directory, a local path or an fsspec URL (default: the "
+                        "cached embedded model)")
     parser.add_argument("--random-models", action="store_true",
                         help="randomly initialised digits architectures (throughput only; no cache needed)")
     parser.add_argument("--quick", action="store_true",
@@ -89,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-radius", type=float, action="append", default=None, metavar="R",
                         help="target-radius runs to compare (repeatable; default 0.25, 0.5, 0.75): each R alone, "
                              "then all together")
-    parser.add_argument("--vote-cache", type=Path, help="adaptive vs fixed n: .npz of the votes drawn (read if "
-                        "present, written after): re-evaluate the rules without re-running the network")
+    parser.add_argument("--vote-cache", help="adaptive vs fixed n: .npz of the votes drawn, a local path or an fsspec "
+                        "URL (read if present, written after): re-evaluate the rules without re-running the network")
     parser.add_argument("--tolerance-sweep", default="0,0.01,0.02,0.1",
                         help="comma-separated further radius tolerances to evaluate on the same votes ('' for none)")
     gpu = parser.add_argument_group("GPU")
@@ -119,7 +127,7 @@ def resolve_device(choice: str) -> torch.device:
 
 def digits_models(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Module, torch.nn.Module, ModelSpec]:
     """(denoiser, classifier, ModelSpec) — random weights are saved to `workdir` so Ray actors can load them."""
-    from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
+    from pipeline.models.denoiser import denoiser_from_parts
     from pipeline.models.digits import (
         digits_classifier_dir,
         digits_denoiser_dir,
@@ -142,9 +150,9 @@ def digits_models(args: argparse.Namespace, workdir: Path) -> tuple[torch.nn.Mod
                   str(classifier_dir / "classifier.safetensors"))
         denoiser = denoiser_from_parts(unet.eval(), scheduler)
     else:
-        denoiser_dir = Path(args.denoiser) if args.denoiser else digits_denoiser_dir()
+        denoiser_dir = args.denoiser or digits_denoiser_dir()  # a URL is copied to a scratch folder to load
         classifier_dir = digits_classifier_dir()
-        denoiser, classifier = load_denoiser(denoiser_dir), load_digits_classifier(classifier_dir)
+        denoiser, classifier = as_denoiser(denoiser_dir), load_digits_classifier(classifier_dir)
     spec = ModelSpec(str(denoiser_dir), "digits", str(classifier_dir), 10, in_chans=1, precision=args.precision)
     return denoiser, classifier, spec
 
@@ -185,10 +193,32 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
         chosen = everything.subset(args.adaptive_images)
         adaptive_work = replace(chosen, config=chosen.config.replace(n=args.n_max))
         print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images", flush=True)
-        report["adaptive"] = adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance,
-                                               args.tolerance_sweep, args.target_radius, args.vote_cache)
+        with local_vote_cache(args.vote_cache, workdir) as vote_cache:
+            report["adaptive"] = adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance,
+                                                   args.tolerance_sweep, args.target_radius, vote_cache)
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
     return report
+
+
+@contextmanager
+def local_vote_cache(location: str | None, workdir: Path) -> Iterator[Path | None]:
+    """--vote-cache as the local file the adaptive section reads and writes (numpy's .npz, with its
+    settings record NAME.json beside it): a local path as given; for a URL, its two files are copied into
+    `workdir` when present and copied back once the section has written them."""
+    if location is None or "://" not in location:
+        yield None if location is None else Path(location)
+        return
+    fs, path = open_location(location)
+    local = workdir / "vote-cache" / posixpath.basename(path)
+    local.parent.mkdir()
+    copies = {f"{location}{suffix}": local.with_name(local.name + suffix) for suffix in ("", ".json")}
+    for url, copy in copies.items():
+        if fs.exists(url):
+            fs.get(url, str(copy))
+    yield local
+    for url, copy in copies.items():
+        if copy.is_file():
+            write_bytes(url, copy.read_bytes())
 
 
 def throughput_sections(args: argparse.Namespace, fused: FusedDenoiseClassify, spec: ModelSpec,
@@ -227,6 +257,9 @@ def settle_arguments(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     args.target_radius = tuple(sorted(set(args.target_radius or (0.25, 0.5, 0.75))))
+    for location in (args.out, args.vote_cache):  # a bad URL fails now, not after the sections ran
+        if location is not None:
+            open_location(location)
     try:
         args.tolerance_sweep = [float(t) for t in args.tolerance_sweep.split(",") if t.strip()]
     except ValueError:
@@ -264,8 +297,6 @@ def benchmark(args: argparse.Namespace) -> str:
     if args.gpu_check and device.type != "cuda" and not args.tiny:
         raise UserError("--gpu-check times ImageNet-size models and needs a GPU; add --tiny to run its code path "
                         "on CPU")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mdds-benchmark-") as tmp:
         if args.main_job:
             report = {"machine": machine_info(device), "settings": vars(args),
@@ -274,7 +305,7 @@ def benchmark(args: argparse.Namespace) -> str:
             report = gpu_sections(args, device)
         else:
             report = run_benchmark(args, device, Path(tmp))
-    (out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    write_bytes(join(args.out, "benchmark.json"), json.dumps(report, indent=2, default=str).encode())
     table = markdown(report)
-    (out / "benchmark.md").write_text(table)
+    write_bytes(join(args.out, "benchmark.md"), table.encode())
     return table

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields, replace
-from pathlib import Path
 
+from pipeline.data.filesystems import open_location
 from pipeline.models.guided_diffusion import (
     UNET_ARCHITECTURES,
     ConvertedDenoiser,
@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", type=Path, help="the original .pt state dict")
-    parser.add_argument("out_dir", type=Path, help="directory to write (must be empty or new)")
+    parser.add_argument("checkpoint", help="the original .pt state dict (a local path or an fsspec URL: s3://, gs://)")
+    parser.add_argument("out_dir", help="directory to write, a local path or an fsspec URL (must be empty or new)")
     parser.add_argument("--preset", choices=sorted(UNET_ARCHITECTURES), help="flags of a published checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
 
@@ -130,5 +130,6 @@ def convert_checkpoint(args: argparse.Namespace) -> None:
     written = save_converted(converted, args.out_dir, overwrite=args.overwrite)
     for line in describe(converted, config):
         print(line)
-    for path in written:
-        print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    for location in written:
+        fs, path = open_location(location)
+        print(f"wrote {location} ({fs.size(path):,} bytes)")

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 from scipy.stats import binom
 
 from pipeline.config import CascadeRule
+from pipeline.data.filesystems import open_location
 from pipeline.errors import UserError
 from pipeline.stats.analytic import (
     EXAMPLE_CASCADE_INPUTS,
@@ -28,6 +28,7 @@ from pipeline.stats.analytic import (
 )
 from pipeline.stats.bounds import clopper_pearson_lower
 from pipeline.stats.cascade import certify_cascade, certify_single_scale
+from pipeline.store.atomic import write_bytes
 
 LINEAR = LinearBinary(weights=np.array([3.0, 4.0]), bias=0.0)
 LINEAR_SIGMA = 0.5
@@ -220,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-select", type=int, default=100, help="selection votes per input and scale (default 100)"
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--out", type=Path, help="also write the measurements as JSON to this file")
+    parser.add_argument("--out", help="also write the measurements as JSON to this file (a local path or an "
+                        "fsspec URL)")
     return parser
 
 
@@ -230,6 +232,8 @@ def coverage(args: argparse.Namespace) -> str:
         raise UserError("--trials, --n and --n-select must be positive")
     if not 0.0 < args.alpha < 0.5:
         raise UserError(f"--alpha must lie strictly between 0 and 0.5, got {args.alpha}")
+    if args.out is not None:
+        open_location(args.out)  # a bad URL fails now, not after the trials
     rng = np.random.default_rng(args.seed)
     violations = violation_rows(args.trials, args.alpha, args.n_select, args.n, rng)
     tightness = tightness_rows(args.alpha, args.n_select, rng)
@@ -238,8 +242,7 @@ def coverage(args: argparse.Namespace) -> str:
         "violations": violations, "tightness": tightness,
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+        write_bytes(args.out, json.dumps(report, indent=2).encode())
     return markdown(violations, tightness, args.trials, args.alpha, args.n)
 
 

@@ -303,8 +303,9 @@ def finetune(args: argparse.Namespace) -> Path:
     result = fit(settings, probe_set, dataset, args.num_workers, gpu, storage, record["name"])
     if result.checkpoint is None:
         raise UserError("training reported no checkpoint; nothing to export")
+    denoiser_out = out / DENOISER_SUBDIR
     with result.checkpoint.as_directory() as checkpoint_dir:
-        denoiser_out = export_denoiser(checkpoint_dir, out / DENOISER_SUBDIR, record)
+        export_denoiser(checkpoint_dir, denoiser_out, record)
     history = json.loads((denoiser_out / "finetune.json").read_text())["history"]
     (out / HISTORY_FILE).write_text(json.dumps(history, indent=2))
     if export is not None:

@@ -9,9 +9,8 @@ from pipeline.app.certify import CertifyRequest, Stopwatch, collect_counts
 from pipeline.stats.prediction import predict_cascade
 from pipeline.store.atomic import write_parquet
 from pipeline.config import CertifyConfig
-from pipeline.store.counts import CountsArrays, counts_to_arrays
+from pipeline.store.counts import CountsArrays, index_counts
 from pipeline.store.run_config import join
-from pipeline.store.shards import read_shards
 
 PREDICTIONS_SCHEMA = pa.schema([
     ("image_id", pa.int64()),
@@ -32,7 +31,7 @@ def predictions_table(arrays: CountsArrays, config: CertifyConfig) -> pa.Table:
             pa.array(arrays.labels, pa.int64()),
             pa.array(prediction, pa.int64()),
             pa.array(np.where(decided, arrays.sigmas[np.maximum(stage, 0)], np.nan), mask=~decided),
-            pa.array(prediction == arrays.labels, pa.bool_()),
+            pa.array((prediction == arrays.labels) & decided, pa.bool_()),
         ],
         schema=PREDICTIONS_SCHEMA,
     )
@@ -41,11 +40,11 @@ def predictions_table(arrays: CountsArrays, config: CertifyConfig) -> pa.Table:
 def predict(request: CertifyRequest) -> str:
     """Sample n votes per image and scale (early exit by the prediction test), predict, write, summarize.
     The request's config has the predict task (request_from_args(args, task="predict"))."""
-    workload, config, _ = collect_counts(request, Stopwatch())
-    arrays = counts_to_arrays(read_shards(join(request.out, "counts")), config.sigmas)
-    table = predictions_table(arrays, config)
+    workload, config, asked = collect_counts(request, Stopwatch())
+    index = index_counts(join(request.out, "counts")).only(image_ids=asked)
+    table = pa.concat_tables([predictions_table(arrays, config) for arrays in index.groups(sigmas=config.sigmas)])
     write_parquet(table, join(request.out, "predictions.parquet"))
-    prediction, labels = table["prediction"].to_numpy(), arrays.labels
+    prediction, labels = table["prediction"].to_numpy(), table["label"].to_numpy()
     deciding = table["sigma"].to_numpy(zero_copy_only=False)  # NaN where the image abstained
     decided = prediction >= 0
     lines = [
@@ -58,7 +57,7 @@ def predict(request: CertifyRequest) -> str:
         "| deciding sigma | images | accuracy |",
         "|---|---|---|",
     ]
-    for sigma in arrays.sigmas:
+    for sigma in config.sigmas:
         here = deciding == sigma
         if here.any():
             lines.append(f"| {sigma:g} | {int(here.sum())} | {100 * np.mean(prediction[here] == labels[here]):.1f}% |")

@@ -12,7 +12,7 @@ certified group by group of images (store/counts.py): memory stays bounded whate
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
@@ -23,7 +23,7 @@ from pipeline.config import CertifyConfig
 from pipeline.errors import UserError
 from pipeline.stats.cascade import certify_cascade, certify_single_scale, needed_stages
 from pipeline.stats.sequential_cascade import certify_cascade_sequential
-from pipeline.store.counts import CountsArrays, counts_to_arrays, read_counts_reporting
+from pipeline.store.counts import CountsArrays, CountsIndex, index_counts, index_table
 from pipeline.store.results import RESULTS_SCHEMA, results_table
 from pipeline.store.run_config import counts_run_settings, read_image_ids
 
@@ -84,15 +84,19 @@ def reduce_counts(counts: str | pa.Table, config: CertifyConfig | None = None, *
         raise UserError("these counts come from an adaptive run (stopped on the data): only the sequential "
                         f"cascade with the run's own routing ({run.routing}) is valid on them; drop "
                         "--alpha-mode / --routing")
-    table, unreadable = _read(counts)
-    available = run.sigmas if run else tuple(sorted(set(table["sigma"].to_pylist()), reverse=True))
-    chosen = _cascade_sigmas(sigmas, available, run, table)
+    index = _index(counts)
+    available = run.sigmas if run else tuple(sorted(set(index.sigma.tolist()), reverse=True))
+    chosen = _cascade_sigmas(sigmas, available, run, index)
     config = _effective(run, available, chosen, alpha, alpha_mode, routing, p0)
     if asked is None and isinstance(counts, str) and _is_dir(counts):
         asked = read_image_ids(counts.rstrip("/").rsplit("/", 1)[0] or ".")
+    if len(index.file) == 0:
+        raise UserError("the counts table has no rows")
+    if asked is not None:  # a resumed OUT may hold rows of images no longer asked for
+        index = index.only(image_ids=asked)
     parts, partial, seen, scales_needed = [], [], [], []
     alone: dict[float, list[pa.Table]] | None = {} if single_scales and not adaptive else None
-    for arrays in _groups(table, config.sigmas):
+    for arrays in index.only(sigmas=config.sigmas).groups(sigmas=config.sigmas):
         seen.append(arrays.image_ids)
         if adaptive:
             result = certify_cascade_sequential(arrays.select_counts, arrays.estimate_counts, arrays.sigmas,
@@ -111,7 +115,7 @@ def reduce_counts(counts: str | pa.Table, config: CertifyConfig | None = None, *
     present = np.concatenate(seen) if seen else np.array([], np.int64)
     absent = np.setdiff1d(asked, present) if asked is not None else np.array([], np.int64)
     missing = np.union1d(absent, np.concatenate(partial) if partial else []).astype(np.int64)
-    refuse_incomplete(missing, len(asked) if asked is not None else len(present), unreadable,
+    refuse_incomplete(missing, len(asked) if asked is not None else len(present), index.unreadable,
                       hint or _hint(run, config.routing, adaptive))
     reduced = Reduced(pa.concat_tables(parts) if parts else RESULTS_SCHEMA.empty_table())
     if alone:
@@ -121,15 +125,11 @@ def reduce_counts(counts: str | pa.Table, config: CertifyConfig | None = None, *
     return reduced, config
 
 
-def _read(counts: str | pa.Table) -> tuple[pa.Table, list[str]]:
+def _index(counts: str | pa.Table) -> CountsIndex:
+    """The counts to reduce, indexed (store/counts.py): files are read group of images by group."""
     if isinstance(counts, pa.Table):
-        return counts, []
-    return read_counts_reporting(counts)
-
-
-def _groups(table: pa.Table, sigmas: Sequence[float]) -> Iterator[CountsArrays]:
-    yield counts_to_arrays(table.filter(pa.compute.is_in(table["sigma"], value_set=pa.array(sigmas, pa.float64()))),
-                           sigmas)
+        return index_table(counts)
+    return index_counts(counts)
 
 
 def _is_dir(location: str) -> bool:
@@ -138,7 +138,7 @@ def _is_dir(location: str) -> bool:
 
 
 def _cascade_sigmas(requested: Sequence[float] | None, available: tuple[float, ...], run: CertifyConfig | None,
-                    table: pa.Table) -> tuple[float, ...]:
+                    index: CountsIndex) -> tuple[float, ...]:
     """The scales to reduce over: `requested` (checked against how the counts were sampled), else all."""
     if not requested:
         return available
@@ -150,15 +150,15 @@ def _cascade_sigmas(requested: Sequence[float] | None, available: tuple[float, .
         raise UserError(f"--sigmas drops scale(s) {dropped} of an {run.strategy.replace('_', '-')} run: images "
                         "decided there have no rows at the other scales and would vanish; reduce over all of "
                         f"{list(available)}, or sample with --all-scales to reduce over any subset")
-    if run is None and not _every_image_has_every_scale(table):
+    if run is None and not _every_image_has_every_scale(index):
         raise UserError(f"--sigmas drops scale(s) {dropped}, but not every image of these bare counts has every "
                         "scale: images decided at a dropped scale would vanish")
     return chosen
 
 
-def _every_image_has_every_scale(table: pa.Table) -> bool:
-    ids, sigmas = table["image_id"].to_numpy(), table["sigma"].to_numpy()
-    return len(np.unique(ids)) * len(np.unique(sigmas)) == len(np.unique(np.stack([ids, sigmas]), axis=1)[0])
+def _every_image_has_every_scale(index: CountsIndex) -> bool:
+    cells = np.unique(np.stack([index.image_id.astype(np.float64), index.sigma]), axis=1).shape[1]
+    return len(index.image_ids) * len(np.unique(index.sigma)) == cells
 
 
 def _effective(run: CertifyConfig | None, available: tuple[float, ...], sigmas: tuple[float, ...],

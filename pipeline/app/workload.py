@@ -10,10 +10,10 @@ import numpy as np
 from pipeline.data.decode import PREPROCESSING
 from pipeline.errors import UserError
 from pipeline.models.classifier import Interpolation
-from pipeline.models.denoiser import DenoiserFit, load_denoiser
+from pipeline.models.denoiser import DenoiserFit
 from pipeline.models.precision import Precision
 from pipeline.models.registry import guess_classifier_kind
-from pipeline.models.spec import ModelSpec
+from pipeline.models.spec import ModelSpec, as_denoiser
 from pipeline.app.presets import DatasetPreset
 from pipeline.distributed.run import DatasetFor
 
@@ -76,7 +76,7 @@ def _digits(preset: DatasetPreset, data: DataOptions, models: ModelOptions) -> W
     from pipeline.models.digits import clean_accuracy, digits_classifier_dir, digits_denoiser_dir
 
     if models.denoiser:  # a bad --denoiser fails before the cached models are trained on first use
-        load_denoiser(models.denoiser, models.denoiser_fit)
+        as_denoiser(models.denoiser, models.denoiser_fit)  # a URL is copied locally to be loaded
     split = load_digits_split()
     images, labels = ((split.train_images, split.train_labels) if data.split == "train"
                       else (split.test_images, split.test_labels))

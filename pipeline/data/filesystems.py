@@ -11,6 +11,15 @@ from fsspec.implementations.local import LocalFileSystem
 from pipeline.errors import UserError
 
 
+def open_location(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """Filesystem and path for `url`, which need not exist yet (an output); UserError for an unknown
+    scheme or a store whose fsspec backend (s3fs, gcsfs) is not installed, so a bad URL fails as one line."""
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as err:
+        raise UserError(f"cannot open {url}: {err}") from err
+
+
 def resolve(
     url: str, *, what: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[AbstractFileSystem, str]:
@@ -18,10 +27,7 @@ def resolve(
 
     `storage_options` go to the fsspec filesystem (e.g. {"anon": True} or {"endpoint_url": ...} for s3://).
     """
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as err:  # unknown scheme, or its fsspec backend (s3fs, gcsfs) missing
-        raise UserError(f"cannot open {url}: {err}") from err
+    fs, path = open_location(url, storage_options)
     if not fs.exists(path):
         raise UserError(f"{what} {url} does not exist")
     return fs, path

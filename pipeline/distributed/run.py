@@ -21,8 +21,7 @@ from pipeline.config import CertifyConfig
 from pipeline.distributed.actor import FAIL_ONCE_ENV, CascadeActor, PriorCells
 from pipeline.models.spec import ModelSource
 from pipeline.sampling.strategies import BatchCounts, make_strategy
-from pipeline.store.counts import counts_to_arrays
-from pipeline.store.shards import read_shards
+from pipeline.store.counts import index_counts
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +39,26 @@ class ExecutionConfig:
     use_gpu: bool
 
 
-def _on_disk(counts_dir: str, image_ids: np.ndarray, config: CertifyConfig) -> BatchCounts | None:
-    """The cells of `image_ids` already in `counts_dir` as dense per-image arrays (zeros elsewhere);
-    None when there are none."""
-    table = rows_of(counts_dir, image_ids)
-    if table.num_rows == 0:
-        return None
-    arrays = counts_to_arrays(table, config.sigmas)
-    rows = np.searchsorted(image_ids, arrays.image_ids)
-    num_classes = arrays.select_counts.shape[2]
-    counts = BatchCounts.empty(len(image_ids), len(config.sigmas), num_classes)
-    counts.select[rows], counts.estimate[rows], counts.present[rows] = (
-        arrays.select_counts, arrays.estimate_counts, arrays.present)
-    return counts
+def _still_to_do(counts_dir: str, image_ids: np.ndarray, config: CertifyConfig) -> tuple[np.ndarray, PriorCells]:
+    """The images that still need a cell (an interrupted run's continue from the first stage they still
+    need) and the cells on disk of those already started, one Ray object each. The shards are read
+    group of images by group (store/counts.py), so the driver's memory does not grow with the run."""
+    import ray
+
+    index = index_counts(counts_dir, missing_ok=True).only(image_ids=image_ids)
+    for unreadable in index.unreadable:
+        logger.warning("ignoring unreadable counts shard %s; its images will be sampled again", unreadable)
+    strategy = make_strategy(config)
+    todo, prior = [np.setdiff1d(image_ids, index.image_ids)], {}
+    if len(index.file):
+        for arrays in index.groups(sigmas=config.sigmas):
+            counts = BatchCounts(arrays.select_counts, arrays.estimate_counts, arrays.present)
+            pending = strategy.pending(counts)
+            todo.append(arrays.image_ids[pending])
+            for row in np.flatnonzero(pending & counts.present.any(axis=1)).tolist():
+                prior[int(arrays.image_ids[row])] = ray.put((counts.present[row], counts.select[row],
+                                                             counts.estimate[row]))
+    return np.sort(np.concatenate(todo)), prior
 
 
 def sample_counts(
@@ -66,19 +72,10 @@ def sample_counts(
 ) -> np.ndarray:
     """Sample every cell the strategy needs that is not on disk yet; returns the ids of `image_ids` with
     counts on disk (all of them, unless unreadable images were skipped)."""
-    import ray
     import ray.data
 
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
-    counts = _on_disk(counts_dir, image_ids, config)
-    if counts is None:
-        todo, prior = image_ids, {}
-    else:
-        pending = make_strategy(config).pending(counts)
-        todo = image_ids[pending]
-        started = pending & counts.present.any(axis=1)
-        prior: PriorCells = {int(image_ids[r]): ray.put((counts.present[r], counts.select[r], counts.estimate[r]))
-                             for r in np.flatnonzero(started)}
+    todo, prior = _still_to_do(counts_dir, image_ids, config)
     print(f"[mdds] {config.strategy}: sampling {len(todo)} image(s) "
           f"({len(image_ids) - len(todo)} already done)", flush=True)
     if len(todo):
@@ -102,7 +99,7 @@ def sample_counts(
         )
         written = sum(int(row["rows"]) for row in counted.iter_rows())
         logger.info("wrote %d counts rows", written)
-    return np.unique(rows_of(counts_dir, image_ids)["image_id"].to_numpy())
+    return index_counts(counts_dir, missing_ok=True).only(image_ids=image_ids).image_ids
 
 
 def _forward_env(*names: str) -> dict:
@@ -114,6 +111,7 @@ def _forward_env(*names: str) -> dict:
 
 
 def rows_of(counts_dir: str, image_ids: np.ndarray) -> pa.Table:
-    """The counts rows on disk that belong to `image_ids` (a resumed OUT may hold others)."""
-    table = read_shards(counts_dir)
-    return table.filter(pa.compute.is_in(table["image_id"], value_set=pa.array(image_ids)))
+    """The counts rows on disk that belong to `image_ids` (a resumed OUT may hold others), in memory:
+    for small runs and tests; the driver and the reduce stream them (`index_counts(...).groups`)."""
+    index = index_counts(counts_dir, missing_ok=True).only(image_ids=image_ids)
+    return index.table()

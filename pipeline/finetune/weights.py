@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
 from pipeline.models.denoiser import FINETUNE_RECORD_FILE, load_denoiser, write_timestep_scale
-from pipeline.models.spec import local_copy
+from pipeline.models.spec import local_copy, output_folder
 
 LORA_TARGETS = ("conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0")
 """The ResNet convolutions and attention projections: where a UNet's capacity sits (diffusers naming,
@@ -127,27 +127,30 @@ def load_base_scheduler(denoiser_dir: str | Path) -> DDPMScheduler:
     return DDPMScheduler.from_pretrained(denoiser_dir, subfolder=subfolder)
 
 
-def export_denoiser(checkpoint_dir: str | Path, out_dir: str | Path, run: dict[str, str]) -> Path:
+def export_denoiser(checkpoint_dir: str | Path, out_dir: str | Path, run: dict[str, str]) -> str:
     """Write the checkpoint's denoiser as UNet2DModel + DDPMScheduler save_pretrained into `out_dir`,
     loadable by `load_denoiser` (and so by `jobs/certify*.py --denoiser`), with finetune.json naming the
-    base checkpoint and the run (`run`: its name and storage_path), which certification reports."""
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    progress = read_progress(checkpoint_dir)
-    settings = progress["settings"]
-    base_location = settings["model_spec"]["denoiser"]
-    lora = LoraSettings(**{**settings["lora"], "targets": tuple(settings["lora"]["targets"])})
+    base checkpoint and the run (`run`: its name and storage_path), which certification reports.
+
+    The checkpoint, the base denoiser and `out_dir` may each be a local path or an fsspec URL (where a
+    cluster's certification actors read it); returns `out_dir` as a string."""
     with tempfile.TemporaryDirectory(prefix="mdds-export-") as scratch:
+        checkpoint = Path(local_copy(str(checkpoint_dir), scratch))
+        progress = read_progress(checkpoint)
+        settings = progress["settings"]
+        base_location = settings["model_spec"]["denoiser"]
+        lora = LoraSettings(**{**settings["lora"], "targets": tuple(settings["lora"]["targets"])})
         base_dir = local_copy(base_location, scratch)
         base = load_denoiser(base_dir)
         scheduler = load_base_scheduler(base_dir)
-    model = trainable_unet(base.unet, lora)
-    load_checkpoint(checkpoint_dir, model)
+        model = trainable_unet(base.unet, lora)
+        load_checkpoint(checkpoint, model)
     unet = merged_unet(model).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out_dir, safe_serialization=True)
-    scheduler.save_pretrained(out_dir)
-    write_timestep_scale(out_dir, base.timestep_scale)  # the network still expects the base model's timesteps
     record = {"base_denoiser": base_location, "run": run["name"], "storage_path": run["storage_path"],
               "trainable": lora.describe(), **progress}
-    (out_dir / FINETUNE_RECORD_FILE).write_text(json.dumps(record, indent=2))
-    return out_dir
+    with output_folder(str(out_dir)) as folder:
+        unet.save_pretrained(folder, safe_serialization=True)
+        scheduler.save_pretrained(folder)
+        write_timestep_scale(folder, base.timestep_scale)  # the network still expects the base model's timesteps
+        (Path(folder) / FINETUNE_RECORD_FILE).write_text(json.dumps(record, indent=2))
+    return str(out_dir)

@@ -47,6 +47,7 @@ diffusers has no field for that, so the converter records the factor in ``timest
 from __future__ import annotations
 
 import pickle
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
+from pipeline.data.filesystems import open_location
 from pipeline.errors import UserError
 from pipeline.models.denoiser import TIMESTEP_SCALE_FILE, write_timestep_scale
+from pipeline.models.spec import local_copy, output_folder
 
 GROUP_NORM_GROUPS = 32  # guided-diffusion's normalization(): GroupNorm32(32, channels), eps 1e-5
 GROUP_NORM_EPS = 1e-5
@@ -177,22 +180,25 @@ class GuidedUNetArchitecture:
         return self.model_channels * self.channel_mult[level]
 
 
-def load_guided_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.pt`` state dict safely (``weights_only=True``); any unreadable file is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0][:160]
-        raise UserError(
-            f"cannot read {path} as a PyTorch state dict ({type(error).__name__}: {first_line})"
-        ) from None
+def load_guided_state_dict(location: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.pt`` state dict safely (``weights_only=True``) from a local path or an fsspec URL (copied
+    to a scratch folder first, as the model loaders do); any missing or unreadable file is a UserError."""
+    location = str(location)
+    with tempfile.TemporaryDirectory(prefix="mdds-checkpoint-") as scratch:
+        path = Path(local_copy(location, scratch))
+        if not path.is_file():
+            raise UserError(f"checkpoint not found: {location}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+            first_line = (str(error).strip().splitlines() or [""])[0][:160]
+            raise UserError(
+                f"cannot read {location} as a PyTorch state dict ({type(error).__name__}: {first_line})"
+            ) from None
     if not isinstance(state, Mapping) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
     ):
-        raise UserError(f"{path} is not a state dict of tensors (expected a guided-diffusion UNet checkpoint)")
+        raise UserError(f"{location} is not a state dict of tensors (expected a guided-diffusion UNet checkpoint)")
     return dict(state)
 
 
@@ -571,26 +577,31 @@ def convert_guided_diffusion(
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse a non-empty (or non-directory) output path unless ``overwrite``: checked before converting."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
+    """Refuse a non-empty (or non-directory) output location, a local path or an fsspec URL, unless
+    ``overwrite``: checked before converting."""
+    fs, path = open_location(str(out_dir))
+    if fs.isfile(path):
         raise UserError(f"output path exists and is not a directory: {out_dir}")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if fs.isdir(path) and fs.ls(path) and not overwrite:
         raise UserError(f"output directory is not empty: {out_dir} (pass --overwrite to write into it)")
 
 
-def save_converted(converted: ConvertedDenoiser, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Write it into one directory (the layout ``load_denoiser`` reads); returns the files written.
+def save_converted(converted: ConvertedDenoiser, out_dir: str | Path, overwrite: bool = False) -> list[str]:
+    """Write it into one directory, a local path or an fsspec URL (the layout ``load_denoiser`` reads);
+    returns the locations of the files written.
 
     A non-empty ``out_dir`` is refused unless ``overwrite``; overwriting replaces these files only
     (a stale timestep scale file from an earlier conversion is removed).
     """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    converted.unet.save_pretrained(out_dir, safe_serialization=True)
-    converted.scheduler.save_pretrained(out_dir)
-    (out_dir / TIMESTEP_SCALE_FILE).unlink(missing_ok=True)
-    scale_file = write_timestep_scale(out_dir, converted.timestep_scale)
+    location = str(out_dir).rstrip("/")
+    check_output_dir(location, overwrite)
+    fs, path = open_location(location)
+    stale_scale_file = f"{path}/{TIMESTEP_SCALE_FILE}"
+    if fs.exists(stale_scale_file):
+        fs.rm(stale_scale_file)
+    with output_folder(location) as folder:
+        converted.unet.save_pretrained(folder, safe_serialization=True)
+        converted.scheduler.save_pretrained(folder)
+        scale_file = write_timestep_scale(folder, converted.timestep_scale)
     names = (UNet2DModel.config_name, SAFETENSORS_WEIGHTS_NAME, DDPMScheduler.config_name)
-    return [out_dir / name for name in names] + ([scale_file] if scale_file else [])
+    return [f"{location}/{name}" for name in names + ((TIMESTEP_SCALE_FILE,) if scale_file else ())]

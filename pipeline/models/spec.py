@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -216,3 +217,24 @@ def local_copy(location: str, scratch: str) -> str:
     target.parent.mkdir()
     fs.get(path, str(target), recursive=fs.isdir(path))
     return str(target)
+
+
+@contextmanager
+def output_folder(location: str) -> Iterator[str]:
+    """A local folder whose files end up at `location` (a local path or an fsspec URL): the writers
+    (diffusers' save_pretrained, safetensors) write local files. A local location is the folder itself,
+    created; for a URL it is a scratch folder uploaded to it when the block ends without an error, so a
+    failed write uploads nothing. Files already at `location` that the block does not write are kept."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from pipeline.data.filesystems import open_location
+
+    fs, path = open_location(location)
+    if isinstance(fs, LocalFileSystem):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="mdds-upload-") as scratch:
+        yield scratch
+        fs.makedirs(path, exist_ok=True)
+        fs.put(scratch + "/", path.rstrip("/") + "/", recursive=True)

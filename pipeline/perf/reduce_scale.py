@@ -5,7 +5,7 @@ The counts are what a certify run of the whole validation set writes (50,000 ima
 classes, n_select=100, n=10,000, one shard per 16-image actor batch), with votes concentrated on a few
 classes like a real classifier's: most of each row is zeros, so the Parquet is small while the dense
 (images, scales, classes) arrays of both phases are 2.4 GB. Each measurement runs in a fresh process so
-that its peak resident memory is its own (`measure_process`).
+that its peak resident memory is its own (`measure_python`).
 
     python -m pipeline.perf.reduce_scale generate /tmp/counts --images 50000
     python -m pipeline.perf.reduce_scale reduce /tmp/counts --mode streaming
@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,15 @@ import numpy as np
 
 from pipeline.config import CertifyConfig
 from pipeline.stats.cascade import certify_cascade
-from pipeline.store.counts import CountsArrays, counts_table, counts_to_arrays, index_counts, read_counts
+from pipeline.store.atomic import write_bytes
+from pipeline.store.counts import (
+    DEFAULT_IMAGES_PER_GROUP,
+    CountsArrays,
+    counts_table,
+    counts_to_arrays,
+    index_counts,
+    read_counts,
+)
 from pipeline.store.shards import shard_name, write_shard
 
 IMAGENET_SIGMAS = (1.0, 0.5, 0.25)
@@ -71,10 +78,10 @@ def _synthetic_shard(rng: np.random.Generator, ids: np.ndarray, sigmas: tuple[fl
     probabilities = np.zeros((len(rows), num_classes))
     for row, (image, scale) in enumerate(rows):
         share = strength[image] ** (1.0 + sigmas[scale])
-        tail = min(num_classes, max(1, int(TAIL_CLASSES_AT_SIGMA_1 * sigmas[scale])))
-        others = rng.choice(num_classes, size=RUNNER_UP_CLASSES + tail, replace=False)
+        tail = max(1, int(TAIL_CLASSES_AT_SIGMA_1 * sigmas[scale]))
+        others = rng.choice(num_classes, size=min(num_classes, RUNNER_UP_CLASSES + tail), replace=False)
         weights = np.concatenate([rng.dirichlet(np.ones(RUNNER_UP_CLASSES)) * (1.0 - TAIL_MASS),
-                                  rng.dirichlet(np.ones(tail)) * TAIL_MASS])
+                                  rng.dirichlet(np.ones(tail)) * TAIL_MASS])[:len(others)]  # few classes: fewer
         probabilities[row, others] = (1.0 - share) * weights
         probabilities[row, favoured[image]] += share
     probabilities /= probabilities.sum(axis=1, keepdims=True)
@@ -97,7 +104,8 @@ def certify_groups(groups: Iterator[CountsArrays], config: CertifyConfig) -> dic
     return {"images": images, "certified": certified, "results_sha256": digest.hexdigest()}
 
 
-def reduce_counts_location(location: str, mode: str, config: CertifyConfig, images_per_group: int = 1000) -> dict:
+def reduce_counts_location(location: str, mode: str, config: CertifyConfig,
+                           images_per_group: int = DEFAULT_IMAGES_PER_GROUP) -> dict:
     """Reduce the counts at `location`: "in-memory" reads every row, pivots them into the dense arrays
     of all images and certifies them at once (the reduce before streaming); "streaming" does the same
     group of `images_per_group` images at a time."""
@@ -112,7 +120,7 @@ def reduce_counts_location(location: str, mode: str, config: CertifyConfig, imag
 
 @dataclass(frozen=True)
 class ProcessMeasurement:
-    """A finished child process: its wall time (interpreter start-up and imports included), its own
+    """A finished Python process: its wall time (interpreter start-up and imports included), its own
     peak resident memory, and its standard output."""
 
     wall_s: float
@@ -120,41 +128,61 @@ class ProcessMeasurement:
     stdout: str
 
 
-def measure_process(argv: Sequence[str], timeout_s: float | None = None) -> ProcessMeasurement:
-    """Run `argv` in a fresh process and measure it. The peak RSS is that child's own (the rusage
-    os.wait4 returns for its pid): RUSAGE_CHILDREN would report the largest child ever waited for."""
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+# Runs `-m module args...` or `-c code args...` like the interpreter would, and at exit writes the
+# process's peak resident memory (VmHWM; ru_maxrss where /proc is missing) to $MDDS_PEAK_RSS_FILE.
+_PEAK_REPORTING_MAIN = """
+import atexit, os, resource, runpy, sys
+
+def _report(path=os.environ.pop("MDDS_PEAK_RSS_FILE")):
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    except OSError:
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(path, "w") as out:
+        out.write(str(kib * 1024))
+
+atexit.register(_report)
+kind, target, *sys.argv[1:] = sys.argv[1:]
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def measure_python(args: Sequence[str], timeout_s: float | None = None) -> ProcessMeasurement:
+    """Run `python -m module ...` or `python -c code ...` (`args` without the interpreter) in a fresh
+    interpreter and measure it. The peak is read by the process itself at exit: the rusage a parent
+    gets (wait4, RUSAGE_CHILDREN) is useless here, because Linux carries the parent's peak into a child
+    across fork and exec, so any child of a 1 GB benchmark process would report at least 1 GB."""
+    if len(args) < 2 or args[0] not in ("-m", "-c"):
+        raise ValueError(f"args must start with -m MODULE or -c CODE, got {list(args)[:2]}")
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = f"{scratch}/peak_rss"
         start = time.perf_counter()
-        child = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, text=True)
-        timer = threading.Timer(timeout_s, child.kill) if timeout_s else None
-        if timer:
-            timer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            if timer:
-                timer.cancel()
+        done = subprocess.run([sys.executable, "-c", _PEAK_REPORTING_MAIN, *args], capture_output=True, text=True,
+                              timeout=timeout_s, env={**os.environ, "MDDS_PEAK_RSS_FILE": peak_file})
         wall_s = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        if child.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited with {child.returncode}: {stderr.read().strip()[-2000:]}")
-        return ProcessMeasurement(wall_s, usage.ru_maxrss * 1024, stdout.read())
+        if done.returncode != 0:
+            raise RuntimeError(f"python {' '.join(args[:2])} exited with {done.returncode}: "
+                               f"{done.stderr.strip()[-2000:]}")
+        with open(peak_file) as peak:
+            return ProcessMeasurement(wall_s, int(peak.read()), done.stdout)
 
 
-def measure_reduce(location: str, mode: str, config: CertifyConfig, images_per_group: int = 1000,
+def measure_reduce(location: str, mode: str, config: CertifyConfig, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
                    timeout_s: float | None = None) -> dict:
     """`reduce_counts_location` in a fresh process: its result, the reduce's own seconds (reading,
     pivoting, certifying), the process's wall time and peak RSS."""
-    argv = [sys.executable, "-m", "pipeline.perf.reduce_scale", "reduce", location, "--mode", mode,
-            "--images-per-group", str(images_per_group), "--config", json.dumps(config.to_dict())]
-    measured = measure_process(argv, timeout_s)
+    measured = measure_python(["-m", "pipeline.perf.reduce_scale", "reduce", location, "--mode", mode,
+                               "--images-per-group", str(images_per_group), "--config", json.dumps(config.to_dict())],
+                              timeout_s)
     return {**json.loads(measured.stdout.strip().splitlines()[-1]), "process_wall_s": measured.wall_s,
             "peak_rss_bytes": measured.peak_rss_bytes}
 
 
-def reduce_scale_section(location: str, num_images: int = 50_000, images_per_group: int = 1000,
+def reduce_scale_section(location: str, num_images: int = 50_000, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
                          modes: Sequence[str] = REDUCE_MODES, seed: int = 0) -> dict:
     """The benchmark's reduce-at-scale section: write synthetic ImageNet-shaped counts for `num_images`
     images under `location` (unless a previous call left them there), reduce them each way in a fresh
@@ -162,11 +190,16 @@ def reduce_scale_section(location: str, num_images: int = 50_000, images_per_gro
     config = CertifyConfig(sigmas=IMAGENET_SIGMAS, n_select=100, n=10_000)
     marker = f"{location.rstrip('/')}/_synthetic.json"
     fs, path = fsspec.core.url_to_fs(marker)
+    root = path.rsplit("/", 1)[0]
     wanted = {"images": num_images, "seed": seed}
     if not fs.exists(path) or json.loads(fs.cat_file(path)) != wanted:
+        if fs.exists(path):  # an earlier synthetic set of another size: its shards would mix with the new ones
+            fs.rm(root, recursive=True)
+        elif fs.exists(root) and fs.ls(root):
+            raise ValueError(f"{location} holds files that are not synthetic counts; name an empty location")
         start = time.perf_counter()
         shards = write_synthetic_counts(location, num_images, seed=seed)
-        fs.pipe_file(path, json.dumps(wanted).encode())
+        write_bytes(marker, json.dumps(wanted).encode())
         print(f"wrote {shards} synthetic shards in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     runs = {mode: measure_reduce(location, mode, config, images_per_group) for mode in modes}
     digests = {run["results_sha256"] for run in runs.values()}
@@ -184,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     reduce = commands.add_parser("reduce", help="reduce counts once and print one JSON line")
     reduce.add_argument("location")
     reduce.add_argument("--mode", choices=REDUCE_MODES, required=True)
-    reduce.add_argument("--images-per-group", type=int, default=1000)
+    reduce.add_argument("--images-per-group", type=int, default=DEFAULT_IMAGES_PER_GROUP)
     reduce.add_argument("--config", help="CertifyConfig.to_dict() as JSON (default: ImageNet's scales)")
     args = parser.parse_args(argv)
     if args.command == "generate":

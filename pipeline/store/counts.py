@@ -13,7 +13,7 @@ across all files (`CountsIndex.groups`). Reading everything at once (`read_count
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import fsspec
 import numpy as np
@@ -30,10 +30,13 @@ COUNTS_SCHEMA = pa.schema([
     ("estimate_counts", pa.list_(pa.int64())),
 ])
 #: The columns the index reads from every file: which images (and scales) a file holds.
-INDEX_COLUMNS = ["image_id", "label", "sigma"]
+INDEX_SCHEMA = pa.schema([COUNTS_SCHEMA.field(name) for name in ("image_id", "label", "sigma")])
+INDEX_COLUMNS = INDEX_SCHEMA.names
 #: Images per group of `CountsIndex.groups`: ImageNet's 3 scales x 1,000 classes make a group's dense
 #: arrays of both phases about 50 MB, and the reduce's peak a few times that.
 DEFAULT_IMAGES_PER_GROUP = 1024
+#: At most this many bytes of files whose rows reach a later group are held between groups (CountsIndex.tables).
+DEFAULT_HOLD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -131,18 +134,21 @@ class CountsIndex:
             return COUNTS_SCHEMA.empty_table()
         return next(self.tables(len(self.image_ids)))
 
-    def tables(self, images_per_group: int = DEFAULT_IMAGES_PER_GROUP) -> Iterator[pa.Table]:
+    def tables(self, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
+               hold_bytes: int = DEFAULT_HOLD_BYTES) -> Iterator[pa.Table]:
         """The rows of consecutive groups of `images_per_group` images (ascending image_id), each group
         with every indexed row of its images, in file order.
 
-        A file is read once: one whose images reach a later group is held (as Arrow rows, not dense
-        arrays) until that group. Shards of consecutive images straddle at most a group boundary each;
-        a single file holding every image is held whole."""
+        A file whose images reach a later group is held (as Arrow rows) until then while the files held
+        total at most `hold_bytes`, and read again beyond: shards of consecutive images, as a run writes
+        them, straddle a group boundary one or two at a time and are each read once, while a layout that
+        spreads every group over every file (one big file, images dealt out at random) costs reading
+        time instead of memory."""
         if images_per_group < 1:
             raise ValueError(f"images_per_group must be >= 1, got {images_per_group}")
-        return self._tables(images_per_group)
+        return self._tables(images_per_group, hold_bytes)
 
-    def _tables(self, images_per_group: int) -> Iterator[pa.Table]:
+    def _tables(self, images_per_group: int, hold_bytes: int) -> Iterator[pa.Table]:
         group = np.searchsorted(self.image_ids, self.image_id) // images_per_group
         order = np.lexsort((self.position, self.file, group))  # by group, then file order
         num_groups = int(group.max()) + 1 if len(group) else 0
@@ -150,26 +156,32 @@ class CountsIndex:
         last_group = np.full(len(self.files), -1)
         np.maximum.at(last_group, self.file, group)
         held: dict[int, pa.Table] = {}
+        held_bytes = 0
         for index in range(num_groups):
             rows = order[bounds[index]:bounds[index + 1]]
             files, starts = np.unique(self.file[rows], return_index=True)
             parts = []
             for file, start, stop in zip(files.tolist(), starts, [*starts[1:], len(rows)]):
-                table = held.pop(file) if file in held else self._read(file)
+                if file in held:
+                    table = held.pop(file)
+                    held_bytes -= table.nbytes
+                else:
+                    table = self._read(file)
                 positions = self.position[rows[start:stop]]
                 parts.append(table if len(positions) == table.num_rows else table.take(pa.array(positions)))
-                if last_group[file] > index:
+                if last_group[file] > index and held_bytes + table.nbytes <= hold_bytes:
                     held[file] = table
+                    held_bytes += table.nbytes
             yield pa.concat_tables(parts)
 
-    def groups(self, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
-               sigmas: Sequence[float] | None = None) -> Iterator[CountsArrays]:
+    def groups(self, images_per_group: int = DEFAULT_IMAGES_PER_GROUP, sigmas: Sequence[float] | None = None,
+               hold_bytes: int = DEFAULT_HOLD_BYTES) -> Iterator[CountsArrays]:
         """`counts_to_arrays` of each of `tables(images_per_group)`: the same arrays as pivoting every
         row at once, group by group. Every check that needs only the index (no rows, sigma outside
         `sigmas`, duplicate (image_id, sigma) rows, two labels for an image) runs on all rows now,
         before anything is read; the class counts are checked as their groups are read."""
         scales = _row_keys(self.image_id, self.label, self.sigma, sigmas).sigmas
-        return _same_classes(counts_to_arrays(table, scales) for table in self.tables(images_per_group))
+        return _same_classes(counts_to_arrays(table, scales) for table in self.tables(images_per_group, hold_bytes))
 
     def _read(self, file: int) -> pa.Table:
         return _read_counts_file(self.files[file], self.location)
@@ -198,23 +210,41 @@ def index_counts(location: str, missing_ok: bool = False) -> CountsIndex:
         try:
             with open_parquet(url) as parquet:
                 validate_counts_schema(parquet.schema_arrow, location if single else _shown(fs, path))
-                keys.append(parquet.read(columns=INDEX_COLUMNS))
+                keys.append(parquet.read(columns=INDEX_COLUMNS, use_threads=False).cast(INDEX_SCHEMA))
         except (pa.ArrowException, OSError) as error:
             if single:
                 raise UserError(f"cannot read counts Parquet under {location}: {_first_line(error)}") from error
             unreadable.append(f"{path.rsplit('/', 1)[-1]} ({_first_line(error)})")
             continue
         files.append(url)
-
-    def column(name: str, dtype: type) -> np.ndarray:
-        return np.concatenate([np.asarray(table[name].to_numpy(), dtype) for table in keys] or [np.array([], dtype)])
-
+    rows = pa.concat_tables(keys) if keys else INDEX_SCHEMA.empty_table()
     index = CountsIndex(
         location, tuple(files), tuple(unreadable),
         file=np.repeat(np.arange(len(keys), dtype=np.int64), [table.num_rows for table in keys]),
-        position=np.concatenate([np.arange(table.num_rows) for table in keys] or [np.array([], np.int64)]),
-        image_id=column("image_id", np.int64), label=column("label", np.int64), sigma=column("sigma", np.float64))
+        position=np.concatenate([np.arange(table.num_rows, dtype=np.int64) for table in keys]
+                                or [np.array([], np.int64)]),
+        **{name: rows[name].combine_chunks().to_numpy(zero_copy_only=False) for name in INDEX_COLUMNS})
     return index._without(_identical_repeats(index))
+
+
+@dataclass(frozen=True, eq=False)
+class _TableIndex(CountsIndex):
+    """A counts table already in memory (the Python API's), indexed like a file of that table."""
+
+    source: pa.Table = field(default_factory=COUNTS_SCHEMA.empty_table)
+
+    def _read(self, file: int) -> pa.Table:
+        return self.source
+
+
+def index_table(table: pa.Table) -> CountsIndex:
+    """`index_counts` of a table in memory: one 'file', checked like one."""
+    validate_counts_schema(table.schema, "the counts table")
+    table = table.select(COUNTS_SCHEMA.names).cast(COUNTS_SCHEMA)
+    return _TableIndex("the counts table", ("<table>",), (), file=np.zeros(table.num_rows, np.int64),
+                       position=np.arange(table.num_rows, dtype=np.int64),
+                       **{name: table[name].combine_chunks().to_numpy(zero_copy_only=False) for name in INDEX_COLUMNS},
+                       source=table)
 
 
 def _counts_paths(fs: fsspec.AbstractFileSystem, root: str, location: str, missing_ok: bool) -> list[str]:

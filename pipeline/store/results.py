@@ -18,7 +18,8 @@ RESULTS_SCHEMA = pa.schema([
 
 
 def results_table(image_ids: np.ndarray, labels: np.ndarray, result: CascadeResult, sigmas: np.ndarray) -> pa.Table:
-    """One row per image; `sigma` is the deciding scale, null where every stage fell through."""
+    """One row per image; `sigma` is the deciding scale, null where every stage fell through; an
+    abstention is never correct, also for images of unknown label (-1, the Python API's default)."""
     decided = result.stage >= 0
     sigma = pa.array(np.where(decided, sigmas[np.maximum(result.stage, 0)], np.nan), mask=~decided)
     return pa.table(
@@ -28,7 +29,7 @@ def results_table(image_ids: np.ndarray, labels: np.ndarray, result: CascadeResu
             pa.array(result.prediction, pa.int64()),
             pa.array(result.radius, pa.float64()),
             sigma,
-            pa.array(result.prediction == labels, pa.bool_()),
+            pa.array((result.prediction == labels) & (result.prediction >= 0), pa.bool_()),  # label -1: unknown
         ],
         schema=RESULTS_SCHEMA,
     )

@@ -153,7 +153,7 @@ def test_predict_job_writes_predictions(digits_cache, ray_session, tmp_path):
     from pipeline.stats.prediction import predict_cascade
 
     base = request(tmp_path)
-    summary = predict(replace(base, sampling=replace(base.sampling, n_select=0, strategy="predict")))
+    summary = predict(replace(base, config=base.config.replace(n_select=0, task="predict")))
     table = pq.read_table(tmp_path / "predictions.parquet")
     assert table.schema == PREDICTIONS_SCHEMA and table.num_rows == 12
     arrays = counts_to_arrays(sorted_counts(tmp_path), SIGMAS)

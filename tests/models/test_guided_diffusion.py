@@ -282,8 +282,8 @@ def test_saved_directory_reloads_with_diffusers(tmp_path: Path) -> None:
     converted = convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config)
     written = save_converted(converted, tmp_path / "out")
     expected_files = {"config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"}
-    assert {path.name for path in written} == expected_files
-    assert all(path.is_file() for path in written)
+    assert {Path(path).name for path in written} == expected_files
+    assert all(Path(path).is_file() for path in written)
 
     reloaded = UNet2DModel.from_pretrained(tmp_path / "out").eval()
     reloaded_scheduler = DDPMScheduler.from_pretrained(tmp_path / "out")
@@ -386,7 +386,7 @@ def test_converted_cifar10_checkpoint_denoises_like_improved_diffusion(tmp_path:
     config = replace(UNET_ARCHITECTURES["cifar10-improved"], num_channels=32)
     written = save_converted(convert_guided_diffusion(save_reference(reference, tmp_path / "model.pt"), config),
                              tmp_path / "out")
-    assert (tmp_path / "out" / "timestep_scale.json") in written
+    assert str(tmp_path / "out" / "timestep_scale.json") in written
     denoiser = load_denoiser(tmp_path / "out")
     alphas_cumprod = original_alphas_cumprod("cosine", 4000)
     generator = torch.Generator().manual_seed(2)
