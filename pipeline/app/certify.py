@@ -35,15 +35,13 @@ class CertifyRequest:
 
 
 def inputs_of(request: CertifyRequest) -> dict:
-    """Besides the configuration, what the counts depend on: the models, how the images reach them, and
-    in bf16 the samples per forward (reduced-precision kernels round by shape). Recorded with the
-    settings so that `--resume` refuses to mix, e.g., two denoiser fits."""
+    """Besides the configuration, what the counts depend on: the models and how the images reach them.
+    Recorded with the settings so that `--resume` refuses to mix, e.g., two denoiser fits."""
     models, data = request.models, request.data
     return {"data": data.data, "preprocess": data.preprocess, "denoiser": models.denoiser,
             "classifier": models.classifier, "classifier_weights": models.classifier_weights,
             "denoiser_fit": models.denoiser_fit, "classifier_interpolation": models.classifier_interpolation,
-            "precision": models.precision,
-            **({"batch_size": request.execution.batch_size} if models.precision == "bf16" else {})}
+            "precision": models.precision}
 
 
 class Stopwatch:

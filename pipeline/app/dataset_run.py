@@ -41,8 +41,7 @@ def run_dataset(dataset: Any, models: ModelSource, config: CertifyConfig, out: s
     prepare_out_dir(out, overwrite, resume)
     stopwatch = Stopwatch()
     notes = models.check(image_shape)
-    inputs = {"data": "ray.data.Dataset", "models": _describe(models), "precision": models.precision,
-              **({"batch_size": batch_size} if models.precision == "bf16" else {})}
+    inputs = {"data": "ray.data.Dataset", "models": _describe(models), "precision": models.precision}
 
     def dataset_for(todo: np.ndarray, num_blocks: int) -> Any:
         if len(todo) == len(ids):

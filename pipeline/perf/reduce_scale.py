@@ -121,26 +121,30 @@ def reduce_counts_location(location: str, mode: str, config: CertifyConfig,
 @dataclass(frozen=True)
 class ProcessMeasurement:
     """A finished Python process: its wall time (interpreter start-up and imports included), its own
-    peak resident memory, and its standard output."""
+    peak resident memory and CPU seconds (user + system: less sensitive than wall time to other load on
+    the machine), and its standard output."""
 
     wall_s: float
     peak_rss_bytes: int
+    cpu_s: float
     stdout: str
 
 
 # Runs `-m module args...` or `-c code args...` like the interpreter would, and at exit writes the
-# process's peak resident memory (VmHWM; ru_maxrss where /proc is missing) to $MDDS_PEAK_RSS_FILE.
+# process's peak resident memory (VmHWM; ru_maxrss where /proc is missing) and CPU seconds to
+# $MDDS_PEAK_RSS_FILE.
 _PEAK_REPORTING_MAIN = """
-import atexit, os, resource, runpy, sys
+import atexit, json, os, resource, runpy, sys
 
 def _report(path=os.environ.pop("MDDS_PEAK_RSS_FILE")):
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     try:
         with open("/proc/self/status") as status:
             kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     except OSError:
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        kib = usage.ru_maxrss
     with open(path, "w") as out:
-        out.write(str(kib * 1024))
+        json.dump({"peak_rss_bytes": kib * 1024, "cpu_s": usage.ru_utime + usage.ru_stime}, out)
 
 atexit.register(_report)
 kind, target, *sys.argv[1:] = sys.argv[1:]
@@ -168,18 +172,18 @@ def measure_python(args: Sequence[str], timeout_s: float | None = None) -> Proce
             raise RuntimeError(f"python {' '.join(args[:2])} exited with {done.returncode}: "
                                f"{done.stderr.strip()[-2000:]}")
         with open(peak_file) as peak:
-            return ProcessMeasurement(wall_s, int(peak.read()), done.stdout)
+            return ProcessMeasurement(wall_s=wall_s, stdout=done.stdout, **json.load(peak))
 
 
 def measure_reduce(location: str, mode: str, config: CertifyConfig, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
                    timeout_s: float | None = None) -> dict:
     """`reduce_counts_location` in a fresh process: its result, the reduce's own seconds (reading,
-    pivoting, certifying), the process's wall time and peak RSS."""
+    pivoting, certifying), the process's wall time, CPU seconds and peak RSS."""
     measured = measure_python(["-m", "pipeline.perf.reduce_scale", "reduce", location, "--mode", mode,
                                "--images-per-group", str(images_per_group), "--config", json.dumps(config.to_dict())],
                               timeout_s)
     return {**json.loads(measured.stdout.strip().splitlines()[-1]), "process_wall_s": measured.wall_s,
-            "peak_rss_bytes": measured.peak_rss_bytes}
+            "process_cpu_s": measured.cpu_s, "peak_rss_bytes": measured.peak_rss_bytes}
 
 
 def reduce_scale_section(location: str, num_images: int = 50_000, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,

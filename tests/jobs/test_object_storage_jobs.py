@@ -186,7 +186,7 @@ def test_resume_after_sigkill_with_out_on_s3_equals_the_uninterrupted_run(
         while not shards(out):
             assert job.poll() is None, f"the job ended (exit {job.returncode}):\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "no counts shard appeared in time"
-            time.sleep(0.1)
+            time.sleep(0.05)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
