@@ -28,11 +28,17 @@ def ray_session(s3_server):
 def digits_cache(tmp_path_factory) -> Path:
     """The embedded digits models, trained once per session with the real default settings into a
     fresh cache (so CI checks first-use training too); subprocess jobs see it via MDDS_CACHE_DIR.
-    MDDS_TEST_CACHE_DIR names a cache to reuse instead, for quick local reruns."""
+    MDDS_TEST_CACHE_DIR names a cache to reuse instead, for quick local reruns. Under pytest-xdist the
+    workers share one (the training takes a file lock, pipeline/models/digits.py)."""
     from pipeline.models.digits import digits_classifier_dir, digits_denoiser_dir
 
     reuse = os.environ.get("MDDS_TEST_CACHE_DIR")
-    cache = Path(reuse) if reuse else tmp_path_factory.mktemp("mdds-cache")
+    if reuse:
+        cache = Path(reuse)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for every worker: the first trains, under a file lock
+        cache = tmp_path_factory.getbasetemp().parent / "mdds-cache"
+    else:
+        cache = tmp_path_factory.mktemp("mdds-cache")
     os.environ["MDDS_CACHE_DIR"] = str(cache)
     digits_denoiser_dir(progress=False)
     digits_classifier_dir(progress=False)

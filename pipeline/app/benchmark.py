@@ -47,6 +47,7 @@ HELP = """Measure the certifier's speed against the published sampling loop, Ray
     python jobs/benchmark.py                          # digits, CPU or GPU, all sections (15-30 min on 2 cores)
     python jobs/benchmark.py --quick --skip-ray       # tiny sizes, random weights: a smoke test
     python jobs/benchmark.py --gpu-check              # ImageNet-size UNet + classifier, bf16, MFU (GPU)
+    python jobs/benchmark.py --reduce-scale --driver-memory   # memory at ImageNet scale (10-15 min on 2 cores)
 
 Writes OUT/benchmark.json and OUT/benchmark.md and prints the table. Every figure is a ratio of two
 runs made back to back in this process; the load average of the machine is recorded with them.
@@ -101,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "URL (read if present, written after): re-evaluate the rules without re-running the network")
     parser.add_argument("--tolerance-sweep", default="0,0.01,0.02,0.1",
                         help="comma-separated further radius tolerances to evaluate on the same votes ('' for none)")
+    memory = parser.add_argument_group("memory at ImageNet scale (each measured in a fresh process; together or alone)")
+    memory.add_argument("--reduce-scale", action="store_true",
+                        help="only the reduce of synthetic ImageNet-shaped counts (--reduce-images images x 3 scales "
+                             "x 1,000 classes, n0=100, n=10,000) in memory (every image at once: the reduce before "
+                             "streaming), group by group, and with jobs/reduce.py: wall time, peak RSS, CPU seconds, "
+                             "same results (50,000 images: about 2 min to write the counts once, then 2-3 min on 2 "
+                             "cores; the in-memory reduce needs about 11 GB)")
+    memory.add_argument("--reduce-images", type=int, default=50_000, help="images of the synthetic counts")
+    memory.add_argument("--reduce-counts", help="where the synthetic counts are written (an empty directory or "
+                        "fsspec URL); a later run with the same --reduce-images reuses them (default: a temporary "
+                        "directory, removed afterwards)")
+    memory.add_argument("--driver-memory", action="store_true",
+                        help="only the certify driver's peak RSS (pipeline.certify_dataset's driver process, Ray "
+                             "actors excluded) on 1,000-class runs of tiny random models and 3x8x8 images at each "
+                             "of --driver-images (2,000 and 4,000: about 4 min on 2 cores)")
+    memory.add_argument("--driver-images", default="2000,4000",
+                        help="comma-separated numbers of images, ascending (default 2000,4000); the ratio is the "
+                             "last run's peak over the first's")
     gpu = parser.add_argument_group("GPU")
     gpu.add_argument("--gpu-check", action="store_true",
                      help="only time an ImageNet-size guided-diffusion UNet + timm classifier (random weights)")
@@ -253,11 +272,19 @@ def settle_arguments(args: argparse.Namespace) -> None:
         args.num_images, args.n, args.n_select = 2, 64, 16
         args.adaptive_images, args.n_max, args.random_models = 2, 256, True
         args.batch_size = args.batch_size or 128
-    for name in ("num_images", "n", "adaptive_images", "n_max", "repeats"):
+        args.reduce_images, args.driver_images = 200, "16,32"
+    for name in ("num_images", "n", "adaptive_images", "n_max", "repeats", "reduce_images"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        args.driver_images = tuple(int(size) for size in str(args.driver_images).split(","))
+    except ValueError:
+        raise UserError(f"--driver-images must be comma-separated integers, got {args.driver_images!r}") from None
+    if len(args.driver_images) < 2 or min(args.driver_images) < 1 or list(args.driver_images) != sorted(
+            set(args.driver_images)):
+        raise UserError(f"--driver-images needs two or more ascending sizes >= 1, got {args.driver_images}")
     args.target_radius = tuple(sorted(set(args.target_radius or (0.25, 0.5, 0.75))))
-    for location in (args.out, args.vote_cache):  # a bad URL fails now, not after the sections ran
+    for location in (args.out, args.vote_cache, args.reduce_counts):  # a bad URL fails now, not after the sections
         if location is not None:
             open_location(location)
     try:
@@ -287,6 +314,24 @@ def gpu_sections(args: argparse.Namespace, device: torch.device) -> dict:
     return report
 
 
+def memory_sections(args: argparse.Namespace, device: torch.device, workdir: Path) -> dict:
+    """--reduce-scale and/or --driver-memory: the reduce of ImageNet-shaped counts each way, and the
+    certify driver's peak memory as the number of images grows."""
+    from pipeline.app.driver_memory import driver_memory_section
+    from pipeline.perf.reduce_scale import reduce_scale_section
+
+    report: dict = {"machine": machine_info(device), "settings": vars(args)}
+    if args.reduce_scale:
+        print(f"[benchmark] reduce of {args.reduce_images} images x 3 scales x 1,000 classes", flush=True)
+        counts = args.reduce_counts or str(workdir / "reduce-counts")
+        report["reduce_scale"] = reduce_scale_section(counts, args.reduce_images, seed=args.seed,
+                                                      reduce_job=str(REPO_ROOT / "jobs" / "reduce.py"))
+    if args.driver_memory:
+        report["driver_memory"] = driver_memory_section(workdir / "driver-memory", args.driver_images)
+    report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    return report
+
+
 def benchmark(args: argparse.Namespace) -> str:
     """Run the sections the flags ask for, write OUT/benchmark.json and OUT/benchmark.md; returns the table."""
     settle_arguments(args)
@@ -303,6 +348,8 @@ def benchmark(args: argparse.Namespace) -> str:
                       "main_job": main_job(REPO_ROOT, Path(tmp))}
         elif args.gpu_check:
             report = gpu_sections(args, device)
+        elif args.reduce_scale or args.driver_memory:
+            report = memory_sections(args, device, Path(tmp))
         else:
             report = run_benchmark(args, device, Path(tmp))
     write_bytes(join(args.out, "benchmark.json"), json.dumps(report, indent=2, default=str).encode())

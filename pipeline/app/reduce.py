@@ -29,8 +29,6 @@ from pipeline.store.run_config import counts_run_settings, read_image_ids
 
 #: How many missing image ids an error message lists before "…".
 LISTED_IDS = 10
-#: The level a bare counts table (no run settings) is reduced at unless one is given.
-BARE_COUNTS_ALPHA = 0.001
 
 
 @dataclass
@@ -165,7 +163,7 @@ def _effective(run: CertifyConfig | None, available: tuple[float, ...], sigmas: 
                alpha: float | None, alpha_mode: str | None, routing: str | None, p0: float | None) -> CertifyConfig:
     """The run's configuration (or the bare-counts default) with the requested statistics: the routing
     default follows a changed alpha mode (CertifyConfig.replace)."""
-    base = run or CertifyConfig(sigmas=available, alpha=BARE_COUNTS_ALPHA)
+    base = run or CertifyConfig(sigmas=available)  # bare counts: the configuration's defaults
     changes: dict = {"sigmas": sigmas}
     if alpha is not None:
         changes.update(alpha=alpha, family_wise=False)

@@ -17,6 +17,9 @@ TARGETS: dict[str, float] = {
     "target_radius_times_fewer": 20.0,  # target-radius mode, at R = 0.25 and 0.5
     "accuracy_images": 1,  # certified accuracy within this many images of fixed n's
     "gpu_mfu": 0.40,
+    "reduce_peak_rss_gb": 1.5,  # the streaming reduce of 50,000 images x 3 scales x 1,000 classes
+    "reduce_wall_s": 20.0,  # the same, whole process, on 2 cores
+    "driver_peak_ratio": 1.15,  # certify driver's peak RSS at 4,000 images over 2,000: flat
 }
 
 
@@ -95,6 +98,54 @@ def _ray_rows(ray: dict) -> list[str]:
     return rows
 
 
+def _verdict(measured: float, target: float) -> str:
+    return "met" if measured <= target else "missed"
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+REDUCE_LABELS = {"in-memory": "in memory (every image's dense counts at once: the reduce before streaming)",
+                 "streaming": "streaming, {group} images per group",
+                 "job": "`python jobs/reduce.py COUNTS --out r.parquet` (streaming)"}
+
+
+def _reduce_scale_rows(section: dict) -> list[str]:
+    """Each way of reducing: wall time of the whole process, peak RSS and CPU seconds; the targets hold
+    the streaming reduces (not the in-memory one, the "before")."""
+    shape = (f"{section['images']:,} images × {section['scales']} scales × {section['classes']:,} classes "
+             f"(n0=100, n=10,000)")
+    rows = []
+    for mode, run in section["by_mode"].items():
+        label = REDUCE_LABELS[mode].format(group=f"{section['images_per_group']:,}")
+        wall, peak = run["process_wall_s"], run["peak_rss_bytes"]
+        measured = f"{wall:.1f} s; {_gb(peak)}; {run['process_cpu_s']:.1f} s"
+        target = "" if mode == "in-memory" else (
+            f"≤ {TARGETS['reduce_wall_s']:.0f} s ({_verdict(wall, TARGETS['reduce_wall_s'])}); "
+            f"≤ {TARGETS['reduce_peak_rss_gb']} GB ({_verdict(peak / 1e9, TARGETS['reduce_peak_rss_gb'])})")
+        rows.append(f"| reduce of {shape}, {label}: wall time; peak RSS; CPU time | {measured} | {target} |")
+    rows.append(f"| reduce: every way gives the same certificates | {section['same_results']} | True |")
+    return rows
+
+
+def _driver_memory_rows(section: dict) -> list[str]:
+    """The certify driver's peak at each number of images, and the largest run's over the smallest's."""
+    shape = "×".join(str(size) for size in section["image_shape"])
+    setting = (f"{section['classes']:,} classes, tiny random models, {shape} images, n_select={section['n_select']}, "
+               f"n={section['n']}, {section['strategy'].replace('_', ' ')}")
+    rows = []
+    for images, run in section["by_images"].items():
+        rows.append(f"| certify driver ({setting}), {int(images):,} images: peak RSS; wall time | "
+                    f"{_gb(run['peak_rss_bytes'])}; {run['process_wall_s']:.0f} s | |")
+    sizes = list(section["by_images"])
+    growth = section["by_images"][sizes[-1]]["peak_rss_bytes"] - section["by_images"][sizes[0]]["peak_rss_bytes"]
+    rows.append(f"| certify driver: peak RSS at {int(sizes[-1]):,} images over {int(sizes[0]):,} "
+                f"({growth / 1e6:+.0f} MB) | {section['peak_ratio']:.3f} | ≤ {TARGETS['driver_peak_ratio']} "
+                f"({_verdict(section['peak_ratio'], TARGETS['driver_peak_ratio'])}) |")
+    return rows
+
+
 def _times_fewer(run: dict) -> str:
     return f"{run['times_fewer_forward_passes']:.1f}×"
 
@@ -153,6 +204,10 @@ def markdown(report: dict) -> str:
         lines += _ray_rows(report["ray"])
     if "adaptive" in report and not report["adaptive"].get("skipped"):
         lines += _adaptive_rows(report["adaptive"])
+    if "reduce_scale" in report:
+        lines += _reduce_scale_rows(report["reduce_scale"])
+    if "driver_memory" in report:
+        lines += _driver_memory_rows(report["driver_memory"])
     machine = report["machine"]
     load, end = machine["load_average_1_5_15_min"], machine.get("load_average_at_end")
     lines += ["", f"Machine: {machine['device']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "

@@ -1,5 +1,6 @@
 """The reduce at ImageNet scale: synthetic counts of ImageNet's shape, and the wall time and peak memory
-of reducing them in memory (every image's dense counts at once) or group by group of images.
+of reducing them in memory (every image's dense counts at once), group by group of images, or with
+`jobs/reduce.py` as users run it.
 
 The counts are what a certify run of the whole validation set writes (50,000 images, 3 scales, 1,000
 classes, n_select=100, n=10,000, one shard per 16-image actor batch), with votes concentrated on a few
@@ -26,10 +27,11 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import CertifyConfig
 from pipeline.stats.cascade import certify_cascade
-from pipeline.store.atomic import write_bytes
+from pipeline.store.atomic import read_parquet, write_bytes
 from pipeline.store.counts import (
     DEFAULT_IMAGES_PER_GROUP,
     CountsArrays,
@@ -90,18 +92,33 @@ def _synthetic_shard(rng: np.random.Generator, ids: np.ndarray, sigmas: tuple[fl
                         rng.multinomial(n_select, probabilities), rng.multinomial(n, probabilities))
 
 
+def _certificate_bytes(image_ids: np.ndarray, prediction: np.ndarray, radius: np.ndarray) -> bytes:
+    """(image_id, prediction, radius) of each image as fixed-width records: the same bytes however the
+    images are grouped, so a digest fed group by group equals one fed everything at once."""
+    return np.rec.fromarrays([image_ids, prediction, radius],
+                             dtype=[("image_id", "<i8"), ("prediction", "<i8"), ("radius", "<f8")]).tobytes()
+
+
 def certify_groups(groups: Iterator[CountsArrays], config: CertifyConfig) -> dict:
     """Certify each group with the cascade; the number of images and certificates, and a digest of
     every (image_id, prediction, radius) in order, so that two reduces can be compared exactly."""
     digest, images, certified = hashlib.sha256(), 0, 0
     for arrays in groups:
         result = certify_cascade(arrays.select_counts, arrays.estimate_counts, arrays.sigmas, config.rule)
-        records = np.rec.fromarrays([arrays.image_ids, result.prediction, result.radius],
-                                    dtype=[("image_id", "<i8"), ("prediction", "<i8"), ("radius", "<f8")])
-        digest.update(records.tobytes())  # image by image: the same bytes however the images are grouped
+        digest.update(_certificate_bytes(arrays.image_ids, result.prediction, result.radius))
         images += len(arrays.image_ids)
         certified += int((result.prediction >= 0).sum())
     return {"images": images, "certified": certified, "results_sha256": digest.hexdigest()}
+
+
+def results_summary(results: pa.Table) -> dict:
+    """`certify_groups`' summary of a results table (results.parquet), images in ascending id order."""
+    results = results.sort_by("image_id")
+    prediction = results["prediction"].to_numpy()
+    digest = hashlib.sha256(_certificate_bytes(results["image_id"].to_numpy(), prediction,
+                                               results["radius"].to_numpy()))
+    return {"images": results.num_rows, "certified": int((prediction >= 0).sum()),
+            "results_sha256": digest.hexdigest()}
 
 
 def reduce_counts_location(location: str, mode: str, config: CertifyConfig,
@@ -130,9 +147,9 @@ class ProcessMeasurement:
     stdout: str
 
 
-# Runs `-m module args...` or `-c code args...` like the interpreter would, and at exit writes the
-# process's peak resident memory (VmHWM; ru_maxrss where /proc is missing) and CPU seconds to
-# $MDDS_PEAK_RSS_FILE.
+# Runs `-m module args...`, `-c code args...` or `script.py args...` like the interpreter would, and at
+# exit writes the process's peak resident memory (VmHWM; ru_maxrss where /proc is missing) and CPU
+# seconds to $MDDS_PEAK_RSS_FILE.
 _PEAK_REPORTING_MAIN = """
 import atexit, json, os, resource, runpy, sys
 
@@ -150,26 +167,31 @@ atexit.register(_report)
 kind, target, *sys.argv[1:] = sys.argv[1:]
 if kind == "-m":
     runpy.run_module(target, run_name="__main__", alter_sys=True)
-else:
+elif kind == "-c":
     exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+else:
+    sys.argv[0] = target
+    runpy.run_path(target, run_name="__main__")
 """
 
 
 def measure_python(args: Sequence[str], timeout_s: float | None = None) -> ProcessMeasurement:
-    """Run `python -m module ...` or `python -c code ...` (`args` without the interpreter) in a fresh
-    interpreter and measure it. The peak is read by the process itself at exit: the rusage a parent
+    """Run `python -m module ...`, `python -c code ...` or `python script.py ...` (`args` without the
+    interpreter) in a fresh interpreter and measure it. The peak is read by the process itself at exit: the rusage a parent
     gets (wait4, RUSAGE_CHILDREN) is useless here, because Linux carries the parent's peak into a child
     across fork and exec, so any child of a 1 GB benchmark process would report at least 1 GB."""
-    if len(args) < 2 or args[0] not in ("-m", "-c"):
-        raise ValueError(f"args must start with -m MODULE or -c CODE, got {list(args)[:2]}")
+    script = len(args) >= 1 and str(args[0]).endswith(".py")
+    if not script and (len(args) < 2 or args[0] not in ("-m", "-c")):
+        raise ValueError(f"args must start with -m MODULE, -c CODE or a script.py, got {list(args)[:2]}")
     with tempfile.TemporaryDirectory() as scratch:
         peak_file = f"{scratch}/peak_rss"
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-c", _PEAK_REPORTING_MAIN, *args], capture_output=True, text=True,
-                              timeout=timeout_s, env={**os.environ, "MDDS_PEAK_RSS_FILE": peak_file})
+        done = subprocess.run([sys.executable, "-c", _PEAK_REPORTING_MAIN, *(["script"] if script else []), *args],
+                              capture_output=True, text=True, timeout=timeout_s,
+                              env={**os.environ, "MDDS_PEAK_RSS_FILE": peak_file})
         wall_s = time.perf_counter() - start
         if done.returncode != 0:
-            raise RuntimeError(f"python {' '.join(args[:2])} exited with {done.returncode}: "
+            raise RuntimeError(f"python {' '.join(map(str, args[:2]))} exited with {done.returncode}: "
                                f"{done.stderr.strip()[-2000:]}")
         with open(peak_file) as peak:
             return ProcessMeasurement(wall_s=wall_s, stdout=done.stdout, **json.load(peak))
@@ -186,11 +208,26 @@ def measure_reduce(location: str, mode: str, config: CertifyConfig, images_per_g
             "process_cpu_s": measured.cpu_s, "peak_rss_bytes": measured.peak_rss_bytes}
 
 
+def measure_reduce_job(script: str, location: str, timeout_s: float | None = None) -> dict:
+    """`python script LOCATION --out results.parquet` (the reduce job, jobs/reduce.py, as users run it:
+    indexing, streaming, the cascade under the counts' default settings, writing the results) in a fresh
+    process: the summary of the results it wrote, the process's wall time, CPU seconds and peak RSS.
+    The synthetic counts carry no run settings, so the job's defaults apply: union mode, alpha 0.001,
+    routing continue, as `CertifyConfig`'s defaults that the other modes use."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = f"{scratch}/results.parquet"
+        measured = measure_python([script, location, "--out", out], timeout_s)
+        summary = results_summary(read_parquet(out))
+    return {**summary, "process_wall_s": measured.wall_s, "process_cpu_s": measured.cpu_s,
+            "peak_rss_bytes": measured.peak_rss_bytes}
+
+
 def reduce_scale_section(location: str, num_images: int = 50_000, images_per_group: int = DEFAULT_IMAGES_PER_GROUP,
-                         modes: Sequence[str] = REDUCE_MODES, seed: int = 0) -> dict:
+                         modes: Sequence[str] = REDUCE_MODES, seed: int = 0, reduce_job: str | None = None) -> dict:
     """The benchmark's reduce-at-scale section: write synthetic ImageNet-shaped counts for `num_images`
     images under `location` (unless a previous call left them there), reduce them each way in a fresh
-    process and say whether every certificate agrees."""
+    process (and with the script `reduce_job`, jobs/reduce.py, when given) and say whether every
+    certificate agrees."""
     config = CertifyConfig(sigmas=IMAGENET_SIGMAS, n_select=100, n=10_000)
     marker = f"{location.rstrip('/')}/_synthetic.json"
     fs, path = fsspec.core.url_to_fs(marker)
@@ -206,6 +243,8 @@ def reduce_scale_section(location: str, num_images: int = 50_000, images_per_gro
         write_bytes(marker, json.dumps(wanted).encode())
         print(f"wrote {shards} synthetic shards in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     runs = {mode: measure_reduce(location, mode, config, images_per_group) for mode in modes}
+    if reduce_job is not None:
+        runs["job"] = {**measure_reduce_job(reduce_job, location), "script": reduce_job}
     digests = {run["results_sha256"] for run in runs.values()}
     return {"images": num_images, "scales": len(config.sigmas), "classes": IMAGENET_CLASSES,
             "images_per_group": images_per_group, "by_mode": runs, "same_results": len(digests) == 1}

@@ -1,4 +1,4 @@
-"""A multi-node Ray cluster on this machine, every node bound to 127.0.0.1, whose nodes a test can kill.
+"""A multi-node Ray cluster on this machine, every node bound to 127.0.0.1, whose nodes a test can kill and add.
 
 `ray start` cannot build it: on Linux it replaces `--node-ip-address 127.0.0.1` by the machine's routable
 address, and with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's switch that keeps the loopback address) it
@@ -58,14 +58,14 @@ class LocalCluster:
                    # address, which in the default /tmp/ray a bare ray.init() of any other process would join
                    RAY_TMPDIR=self.temp_dir, OMP_NUM_THREADS="1")
         env.pop("RAY_ADDRESS", None)
+        from tests.distributed.test_ray_submit import free_ports  # the cluster process needs none of it
+
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.distributed.local_cluster", str(worker_nodes)],
-            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, "-m", "tests.distributed.local_cluster", str(worker_nodes), *map(str, free_ports(2))],
+            cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
         )
         try:
-            started = json.loads(self.process.stdout.readline() or "null")
-            if started is None:
-                raise RuntimeError(f"the local cluster did not start (exit {self.process.wait()})")
+            started = self._reply()
         except BaseException:
             self.stop()
             raise
@@ -73,17 +73,30 @@ class LocalCluster:
         self.nodes = [NodeProcesses(node["raylet"], tuple(node["daemons"])) for node in started["nodes"]]
         self.env = dict(env, RAY_ADDRESS=self.address)
 
-    @property
-    def head(self) -> NodeProcesses:
-        return self.nodes[0]
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the local cluster process ended (exit {self.process.wait()})")
+        return json.loads(line)
 
     @property
     def worker_nodes(self) -> list[NodeProcesses]:
+        """The live nodes but the head (nodes[0])."""
         return self.nodes[1:]
 
-    def kill_node(self, node: NodeProcesses) -> list[int]:
+    def add_node(self) -> NodeProcesses:
+        """Start one more worker node (as an autoscaler replaces a lost one) and wait until it is up."""
+        self.process.stdin.write("add\n")
+        self.process.stdin.flush()
+        reply = self._reply()
+        node = NodeProcesses(reply["raylet"], tuple(reply["daemons"]))
+        self.nodes.append(node)
+        return node
+
+    def kill_node(self, node: NodeProcesses) -> None:
         """SIGKILL every process of `node` at once, as if its machine vanished: its workers, its agents,
-        its raylet. Returns the pids killed."""
+        its raylet; the node leaves `nodes`."""
+        self.nodes.remove(node)
         raylet = psutil.Process(node.raylet)
         processes = [*raylet.children(recursive=True), raylet, *map(psutil.Process, node.daemons)]
         for process in processes:
@@ -91,13 +104,20 @@ class LocalCluster:
                 process.kill()
             except psutil.NoSuchProcess:
                 continue
-        return [process.pid for process in processes]
 
     def stop(self) -> None:
-        """SIGKILL every process of the cluster's session at once (nothing in it is worth a graceful stop:
-        on SIGTERM a node drains for up to 30 s) and remove its files; safe to call more than once."""
+        """End every process of the cluster at once and remove its files; safe to call more than once.
+        Closing stdin makes the cluster process SIGKILL its process group (nothing in it is worth a
+        graceful stop: on SIGTERM a node drains for up to 30 s); what left that group but not the
+        session is killed here."""
         from tests.distributed.test_ray_submit import session_processes  # the cluster process needs none of it
 
+        if not self.process.stdin.closed:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
         processes = session_processes(self.process.pid)
         for process in processes:
             try:
@@ -110,15 +130,21 @@ class LocalCluster:
         assert alive == [], f"processes of the local cluster survived SIGKILL: {alive}"
 
 
-def main(worker_nodes: int) -> None:
-    """Start the nodes, print their address and processes as one JSON line, and wait to be stopped."""
+def main(worker_nodes: int, dashboard_port: int, head_agent_port: int) -> None:
+    """Start the nodes and print their address and processes as one JSON line; then start a worker node
+    for each `add` line read and print its processes. When stdin ends (the test is done, or died), SIGKILL
+    the process group: this process and every node's.
+
+    Ray's fixed default ports are replaced by free ones (Cluster itself does so for the worker nodes'
+    agents): the dashboard's 8265 and the head agent's 52365 may belong to another Ray instance on the
+    machine, which Ray Train's state queries would then reach with this cluster's token."""
     from ray.cluster_utils import Cluster
 
     node_args = dict(node_ip_address=LOOPBACK, num_cpus=1, object_store_memory=OBJECT_STORE_BYTES)
-    cluster = Cluster(initialize_head=True,
-                      # no dashboard, autoscaler or log streaming: nothing here uses them, and each is a process
-                      head_node_args=dict(node_args, include_dashboard=False, no_monitor=True,
-                                          include_log_monitor=False, _system_config=HEALTH_CHECKS))
+    head_args = dict(node_args, dashboard_host=LOOPBACK, dashboard_port=dashboard_port,
+                     dashboard_agent_listen_port=head_agent_port, no_monitor=True,  # no autoscaler
+                     _system_config=HEALTH_CHECKS)
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
     nodes = [cluster.head_node, *(cluster.add_node(**node_args) for _ in range(worker_nodes))]
 
     def processes(node) -> dict:
@@ -127,8 +153,12 @@ def main(worker_nodes: int) -> None:
         return {"raylet": raylet, "daemons": [pid for group in pids.values() for pid in group]}
 
     print(json.dumps({"address": cluster.address, "nodes": [processes(node) for node in nodes]}), flush=True)
-    signal.pause()  # until LocalCluster.stop ends the session
+    for line in sys.stdin:
+        if line.strip() != "add":
+            raise ValueError(f"unknown command {line.strip()!r}; the one command is 'add'")
+        print(json.dumps(processes(cluster.add_node(**node_args))), flush=True)
+    os.killpg(0, signal.SIGKILL)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(*map(int, sys.argv[1:]))

@@ -58,3 +58,12 @@ def test_a_measured_process_reports_its_own_peak_memory():
     assert held.sum() == 50_000_000
     with pytest.raises(RuntimeError, match="exited with 3"):
         measure_python(["-c", "import sys; sys.exit(3)"])
+
+
+def test_a_measured_script_runs_as_the_interpreter_would_run_it(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("import sys\nif __name__ == '__main__':\n    print(sys.argv)\n")
+    measured = measure_python([str(script), "--out", "x"])
+    assert measured.stdout.strip() == str([str(script), "--out", "x"]) and measured.peak_rss_bytes > 0
+    with pytest.raises(ValueError, match="script.py"):
+        measure_python(["job.txt"])
