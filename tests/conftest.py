@@ -20,6 +20,7 @@ def ray_session(s3_server):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    import ray.data  # noqa: F401  its log handlers bind sys.stderr on import: the session's, not one test's capture
     yield ray
     ray.shutdown()
 
