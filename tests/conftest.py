@@ -44,3 +44,19 @@ def digits_cache(tmp_path_factory) -> Path:
     digits_denoiser_dir(progress=False)
     digits_classifier_dir(progress=False)
     return cache
+
+
+# The modules that take longest (Ray Train, killed and resumed jobs, local clusters), longest first.
+HEAVY_MODULES = (
+    "tests/finetune/test_finetune.py", "tests/jobs/test_object_storage_jobs.py", "tests/distributed/test_node_loss.py",
+    "tests/distributed/test_resume.py", "tests/distributed/test_one_pass.py", "tests/jobs/test_certify_job.py",
+    "tests/jobs/test_imagenet_job.py", "tests/test_api.py", "tests/finetune/test_finetune_real_layouts.py",
+    "tests/jobs/test_bad_inputs.py", "tests/distributed/test_ray_submit.py", "tests/test_docs_examples.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Longest modules first: pytest-xdist gives each worker whole modules (--dist loadfile) in this
+    order, so the last ones to run are short and neither core idles through a long tail."""
+    rank = {module: index for index, module in enumerate(HEAVY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))

@@ -47,7 +47,7 @@ HELP = """Measure the certifier's speed against the published sampling loop, Ray
     python jobs/benchmark.py                          # digits, CPU or GPU, all sections (15-30 min on 2 cores)
     python jobs/benchmark.py --quick --skip-ray       # tiny sizes, random weights: a smoke test
     python jobs/benchmark.py --gpu-check              # ImageNet-size UNet + classifier, bf16, MFU (GPU)
-    python jobs/benchmark.py --reduce-scale --driver-memory   # memory at ImageNet scale (10-15 min on 2 cores)
+    python jobs/benchmark.py --reduce-scale --driver-memory   # memory at ImageNet scale (about 5 min on 2 cores)
 
 Writes OUT/benchmark.json and OUT/benchmark.md and prints the table. Every figure is a ratio of two
 runs made back to back in this process; the load average of the machine is recorded with them.
@@ -107,16 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only the reduce of synthetic ImageNet-shaped counts (--reduce-images images x 3 scales "
                              "x 1,000 classes, n0=100, n=10,000) in memory (every image at once: the reduce before "
                              "streaming), group by group, and with jobs/reduce.py: wall time, peak RSS, CPU seconds, "
-                             "same results (50,000 images: about 2 min to write the counts once, then 2-3 min on 2 "
-                             "cores; the in-memory reduce needs about 11 GB)")
-    memory.add_argument("--reduce-images", type=int, default=50_000, help="images of the synthetic counts")
+                             "same results (50,000 images on 2 cores: about 1 min to write the counts once, then "
+                             "about 1 min; the in-memory reduce needs about 8 GB of memory)")
+    memory.add_argument("--reduce-images", type=int, default=50_000,
+                        help="images of the synthetic counts (default 50,000)")
     memory.add_argument("--reduce-counts", help="where the synthetic counts are written (an empty directory or "
                         "fsspec URL); a later run with the same --reduce-images reuses them (default: a temporary "
                         "directory, removed afterwards)")
     memory.add_argument("--driver-memory", action="store_true",
                         help="only the certify driver's peak RSS (pipeline.certify_dataset's driver process, Ray "
                              "actors excluded) on 1,000-class runs of tiny random models and 3x8x8 images at each "
-                             "of --driver-images (2,000 and 4,000: about 4 min on 2 cores)")
+                             "of --driver-images (2,000 and 4,000: 2-3 min on 2 cores)")
     memory.add_argument("--driver-images", default="2000,4000",
                         help="comma-separated numbers of images, ascending (default 2000,4000); the ratio is the "
                              "last run's peak over the first's")

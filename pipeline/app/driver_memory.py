@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ def _images_of(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"image_id": ids, "label": ids % IMAGENET_CLASSES, "image": images}
 
 
-def synthetic_dataset(num_images: int):
+def synthetic_dataset(num_images: int) -> Any:
     """A ray.data.Dataset of `num_images` synthetic images (ids 0..num_images-1), made in Ray's tasks."""
     import ray.data
 

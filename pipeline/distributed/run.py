@@ -75,6 +75,8 @@ def sample_counts(
     import ray.data
 
     image_ids = np.unique(np.asarray(image_ids, dtype=np.int64))
+    if "://" not in counts_dir:  # the actors' working directory need not be this process's
+        counts_dir = os.path.abspath(counts_dir)
     todo, prior = _still_to_do(counts_dir, image_ids, config)
     print(f"[mdds] {config.strategy}: sampling {len(todo)} image(s) "
           f"({len(image_ids) - len(todo)} already done)", flush=True)

@@ -177,9 +177,10 @@ else:
 
 def measure_python(args: Sequence[str], timeout_s: float | None = None) -> ProcessMeasurement:
     """Run `python -m module ...`, `python -c code ...` or `python script.py ...` (`args` without the
-    interpreter) in a fresh interpreter and measure it. The peak is read by the process itself at exit: the rusage a parent
-    gets (wait4, RUSAGE_CHILDREN) is useless here, because Linux carries the parent's peak into a child
-    across fork and exec, so any child of a 1 GB benchmark process would report at least 1 GB."""
+    interpreter) in a fresh interpreter and measure it. The peak is read by the process itself at exit:
+    the rusage a parent gets (wait4, RUSAGE_CHILDREN) is useless here, because Linux carries the parent's
+    peak into a child across fork and exec, so any child of a 1 GB benchmark process would report at
+    least 1 GB."""
     script = len(args) >= 1 and str(args[0]).endswith(".py")
     if not script and (len(args) < 2 or args[0] not in ("-m", "-c")):
         raise ValueError(f"args must start with -m MODULE, -c CODE or a script.py, got {list(args)[:2]}")

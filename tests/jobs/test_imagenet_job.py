@@ -350,8 +350,8 @@ def test_help_explains_the_flags_and_defaults_are_the_papers(monkeypatch, capsys
 
     for preset, n in (("imagenet", 10_000), ("cifar10", 100_000)):
         request = request_from_args(build_parser(preset, "").parse_args([]))
-        assert request.sampling.sigmas == (1.0, 0.5, 0.25)
-        assert (request.sampling.n_select, request.sampling.n, request.sampling.alpha) == (100, n, 0.001)
+        assert request.config.sigmas == (1.0, 0.5, 0.25)
+        assert (request.config.n_select, request.config.n, request.config.alpha) == (100, n, 0.001)
     imagenet = request_from_args(build_parser("imagenet", "").parse_args([]))
     assert imagenet.data.skip == 100
     # pad: the published multi-scale code's denoiser fit; preprocessing None: resize256-crop224 (Cohen, Carlini)

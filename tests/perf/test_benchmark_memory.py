@@ -37,20 +37,6 @@ def test_reduce_scale_mode_reduces_every_way_alike(tmp_path: Path) -> None:
     assert all(("met" in row or "missed" in row) for row in rows[1:3]) and "GB" in rows[0]
 
 
-@pytest.mark.slow
-def test_driver_memory_mode_measures_each_run_size(tmp_path: Path, ray_session, monkeypatch) -> None:
-    """The measured drivers join this session's Ray instead of starting their own (seconds, not tens)."""
-    monkeypatch.setenv("RAY_ADDRESS", ray_session.get_runtime_context().gcs_address)
-    report, table = run_benchmark("--driver-memory", "--driver-images", "6,12", "--out", str(tmp_path))
-    section = report["driver_memory"]
-    assert list(section["by_images"]) == ["6", "12"] and section["classes"] == 1000
-    for size, run in section["by_images"].items():
-        assert run["images"] == int(size) and run["peak_rss_bytes"] > 0
-    small, large = (section["by_images"][size]["peak_rss_bytes"] for size in ("6", "12"))
-    assert section["peak_ratio"] == pytest.approx(large / small)
-    assert f"| {section['peak_ratio']:.3f} | ≤ 1.15 (" in table and "12 images: peak RSS" in table
-
-
 @pytest.mark.parametrize("sizes", ["4000,2000", "2000", "2000,x", "0,10"])
 def test_driver_images_must_be_ascending_sizes(sizes: str, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="--driver-images"):
