@@ -36,7 +36,7 @@ def digits_cache(tmp_path_factory) -> Path:
     reuse = os.environ.get("MDDS_TEST_CACHE_DIR")
     if reuse:
         cache = Path(reuse)
-    elif os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for every worker: the first trains, under a file lock
+    elif os.environ.get("PYTEST_XDIST_WORKER"):  # the cache the controller trained (pytest_sessionstart)
         cache = tmp_path_factory.getbasetemp().parent / "mdds-cache"
     else:
         cache = tmp_path_factory.mktemp("mdds-cache")
@@ -44,6 +44,22 @@ def digits_cache(tmp_path_factory) -> Path:
     digits_denoiser_dir(progress=False)
     digits_classifier_dir(progress=False)
     return cache
+
+
+def pytest_sessionstart(session):
+    """Under pytest-xdist, train the digits models once in the controller, on both cores, before the
+    workers start: trained inside a worker, the training shares the cores with the other worker's tests
+    (187 s instead of about 80) while every test that needs the models waits for its lock."""
+    config = session.config
+    if hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None) in (None, 0):
+        return
+    if os.environ.get("MDDS_TEST_CACHE_DIR"):
+        return
+    from pipeline.models.digits import digits_classifier_dir, digits_denoiser_dir
+
+    cache = config._tmp_path_factory.getbasetemp() / "mdds-cache"
+    digits_denoiser_dir(root=cache, progress=False)
+    digits_classifier_dir(root=cache, progress=False)
 
 
 # The modules that take longest (Ray Train, killed and resumed jobs, local clusters), longest first.

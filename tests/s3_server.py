@@ -41,8 +41,10 @@ def _forget_s3_filesystems() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def s3_server() -> Iterator[S3Server]:
+    """Autouse: its variables must be set before anything starts Ray (a job run in-process, Ray Train),
+    whose workers keep the environment they started with."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one request line per S3 call otherwise
