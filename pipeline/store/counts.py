@@ -313,15 +313,15 @@ def validate_counts_schema(schema: pa.Schema, where: str) -> None:
     if missing:
         raise UserError(f"{where} is not a counts table: missing column(s) {', '.join(missing)} "
                         f"(expected {', '.join(COUNTS_SCHEMA.names)})")
-    for field in COUNTS_SCHEMA:
-        actual = schema.field(field.name).type
-        compatible = actual == field.type or (
-            pa.types.is_list(field.type) and (pa.types.is_list(actual) or pa.types.is_large_list(actual))
+    for expected in COUNTS_SCHEMA:
+        actual = schema.field(expected.name).type
+        compatible = actual == expected.type or (
+            pa.types.is_list(expected.type) and (pa.types.is_list(actual) or pa.types.is_large_list(actual))
             and pa.types.is_integer(actual.value_type)
-        ) or (pa.types.is_integer(field.type) and pa.types.is_integer(actual)) or (
-            pa.types.is_floating(field.type) and pa.types.is_floating(actual))
+        ) or (pa.types.is_integer(expected.type) and pa.types.is_integer(actual)) or (
+            pa.types.is_floating(expected.type) and pa.types.is_floating(actual))
         if not compatible:
-            raise UserError(f"{where}: column {field.name} has type {actual}, expected {field.type}")
+            raise UserError(f"{where}: column {expected.name} has type {actual}, expected {expected.type}")
 
 
 @dataclass(frozen=True)
