@@ -137,7 +137,9 @@ def _index_rows(
             missing = [name for name in columns if name not in parquet.schema_arrow.names]
             if missing:  # pyarrow would silently read the other columns only
                 raise UserError(f"{posixpath.basename(file)} lacks column(s) {missing} that {files[0]} has")
-            table = parquet.read(columns=columns[1:])
+            # on this thread: a pool thread freeing the Python file handle at shutdown aborts the process
+            # (see store.atomic.open_parquet)
+            table = parquet.read(columns=columns[1:], use_threads=False)
             group_sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
         parts["labels"].append(_integers(table.column(label_column), label_column, file))
         if id_column:
@@ -183,7 +185,8 @@ def _group_positions(positions: np.ndarray, rows: _RowGroups) -> dict[tuple[int,
 def _read_rows(item: dict, *, fs: AbstractFileSystem, image_column: str, image_is_struct: bool) -> list[dict]:
     """Ray step: the selected rows' image bytes from one row group, with their ids, labels and locations."""
     with fs.open(str(item["file"]), "rb") as handle:
-        group = pq.ParquetFile(handle).read_row_group(int(item["row_group"]), columns=[image_column])
+        group = pq.ParquetFile(handle).read_row_group(int(item["row_group"]), columns=[image_column],
+                                                      use_threads=False)  # see _index_rows
     images = group.column(image_column).take(pa.array(item["rows"], type=pa.int64()))
     if image_is_struct:
         images = pc.struct_field(images, "bytes")

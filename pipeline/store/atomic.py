@@ -46,15 +46,19 @@ def read_parquet(url: str) -> pa.Table:
 
 @contextmanager
 def open_parquet(url: str) -> Iterator[pq.ParquetFile]:
-    """A Parquet file read from its bytes, to be read synchronously on the calling thread (its schema,
-    some columns, or all of them).
+    """A Parquet file read from a copy of its bytes in Arrow-owned memory (its schema, some columns, or
+    all of them).
 
-    `pq.read_table` on a Python-owned buffer (or an fsspec file object) scans through Arrow's async
-    dataset scanner, whose pool threads may drop the last reference to that buffer after the call
-    returns; when that happens during interpreter shutdown the thread cannot take the GIL, exits
-    inside a noexcept destructor and the process aborts ("terminate called without an active
-    exception", apache/arrow#34314; about 2 % of short jobs here). `ParquetFile.read` holds the
-    buffer until it returns and releases it on this thread."""
+    Arrow decodes column chunks on its pool threads, and whichever thread drops the last page reader
+    frees the input buffer. Were that buffer Python's (`pa.BufferReader(bytes)`, an fsspec file), the
+    free needs the GIL; during interpreter shutdown the thread cannot take it, exits inside a noexcept
+    destructor and the process aborts after its work is done ("terminate called without an active
+    exception", exit -6, apache/arrow#34314; seen in CI and reproduced here under load, core dump:
+    `PyBuffer::~PyBuffer` on a `ThreadPool` worker). An Arrow-allocated copy frees without Python."""
     fs, path = fsspec.core.url_to_fs(url)
-    with pq.ParquetFile(pa.BufferReader(fs.cat_file(path))) as parquet:
+    payload = fs.cat_file(path)
+    buffer = pa.allocate_buffer(len(payload))
+    memoryview(buffer).cast("B")[:] = payload
+    del payload
+    with pq.ParquetFile(pa.BufferReader(buffer)) as parquet:
         yield parquet
