@@ -81,14 +81,14 @@ def clean_run(tmp_path_factory, digits_cache, ray_session) -> Path:
     return out
 
 
-def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0, settings: tuple[str, ...] = SETTINGS) -> None:
+def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0) -> None:
     """Start the job in its own process group and SIGKILL all of it (driver and local Ray) as soon as
     its first counts shard exists."""
     with log.open("wb") as output:
         # its own local Ray (so that the kill takes all of it); on a busy machine raylet registration can
         # take longer than Ray's default wait
         env = dict(os.environ, RAY_raylet_start_wait_time_s="120")
-        job = subprocess.Popen([sys.executable, "jobs/certify.py", *settings, "--out", str(out)], cwd=REPO_ROOT,
+        job = subprocess.Popen([sys.executable, "jobs/certify.py", *SETTINGS, "--out", str(out)], cwd=REPO_ROOT,
                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     try:
@@ -173,23 +173,6 @@ def test_actor_killed_mid_batch_gives_the_clean_counts(tmp_path, clean_run, monk
     assert_same_run(out, clean_run)
 
 
-def test_actor_killed_mid_batch_gives_the_clean_counts_with_adaptive_sampling(tmp_path, digits_cache, ray_session,
-                                                                               monkeypatch, capfd):
-    """The adaptive strategy runs in the same actor: a retried batch must also rewrite identical shards."""
-    settings = (*SETTINGS, "--adaptive")
-    clean, out, marker = tmp_path / "clean", tmp_path / "out", tmp_path / "actor-died"
-    code, err = run_certify(monkeypatch, capfd, *settings, "--out", str(clean))
-    assert code == 0, err
-    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
-
-    code, err = run_certify(monkeypatch, capfd, *settings, "--out", str(out))
-
-    assert code == 0, err
-    assert marker.exists(), "the injected failure never fired"
-    assert_same_run(out, clean)
-
-
-
 # Adaptive target-radius run: each batch of 4 images is one shard, written when its adaptive rounds end.
 # Radius 0.25 at sigma 0.5 needs p >= Phi(0.5) = 0.69, far below what the digits models reach on most
 # images whatever CPU trained them (first-use training is deterministic per machine, not across CPUs).
@@ -197,23 +180,47 @@ TARGET_RADIUS = ("--num-images", "12", "--n", "1000", "--n-select", "20", "--ima
                  "--sigmas", "0.5,0.25", "--adaptive", "--target-radius", "0.25", "--target-radius", "0.125")
 
 
-def test_target_radius_run_resumes_after_sigkill_and_reduces(tmp_path, digits_cache, ray_session, monkeypatch,
-                                                            capfd):
-    """`--adaptive --target-radius`: a killed and resumed run equals an uninterrupted one, its report says
-    it is a target-radius run, and jobs/reduce.py recomputes its results from the counts alone."""
-    clean, out = tmp_path / "clean", tmp_path / "out"
-    code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(clean))
-    assert code == 0, err
-    radii = pq.read_table(clean / "results.parquet")["radius"].to_pylist()
+@pytest.fixture(scope="module")
+def target_radius_run(tmp_path_factory, digits_cache, ray_session) -> Path:
+    """An uninterrupted adaptive target-radius run, the reference of the adaptive cases below."""
+    out = tmp_path_factory.mktemp("target-radius") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sys, "argv", ["certify.py", *TARGET_RADIUS, "--out", str(out)])
+        runpy.run_path(str(REPO_ROOT / "jobs" / "certify.py"), run_name="__main__")
+    radii = pq.read_table(out / "results.parquet")["radius"].to_pylist()
     assert set(radii) <= {0.0, 0.125, 0.25} and 0.25 in radii
-    assert "target-radius run" in (clean / "report.md").read_text()
-    kill_after_first_shard(out, tmp_path / "killed-job.log", settings=TARGET_RADIUS)
-    assert read_shards(str(out / "counts")).num_rows < sorted_counts(clean).num_rows
+    assert "target-radius run" in (out / "report.md").read_text()
+    return out
+
+
+def test_actor_killed_mid_batch_gives_the_clean_counts_with_adaptive_sampling(tmp_path, target_radius_run,
+                                                                               monkeypatch, capfd):
+    """The adaptive strategy runs in the same actor: a retried batch must also rewrite identical shards."""
+    out, marker = tmp_path / "out", tmp_path / "actor-died"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
+
+    code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(out))
+
+    assert code == 0, err
+    assert marker.exists(), "the injected failure never fired"
+    assert_same_run(out, target_radius_run)
+
+
+def test_target_radius_run_resumes_and_reduces(tmp_path, target_radius_run, monkeypatch, capfd):
+    """`--adaptive --target-radius`: a run stopped after its first batch and resumed equals an uninterrupted
+    one, and jobs/reduce.py recomputes its results from the counts alone. The stop is what a SIGKILL
+    leaves (the run's config and the whole shards of finished batches; a real SIGKILL is above)."""
+    out = tmp_path / "out"
+    (out / "counts").mkdir(parents=True)
+    shutil.copy(target_radius_run / "run_config.json", out)
+    first = sorted((target_radius_run / "counts").glob("part-*.parquet"))[0]
+    shutil.copy(first, out / "counts")
+    assert read_shards(str(out / "counts")).num_rows < sorted_counts(target_radius_run).num_rows
 
     code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(out), "--resume")
 
     assert code == 0, err
-    assert_same_run(out, clean)
+    assert_same_run(out, target_radius_run)
     reduced = tmp_path / "reduced.parquet"
     done = subprocess.run([sys.executable, "jobs/reduce.py", str(out / "counts"), "--out", str(reduced)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)

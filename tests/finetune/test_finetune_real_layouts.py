@@ -38,7 +38,7 @@ def optimizer_steps(checkpoint: Path) -> set[float]:
     return {float(s["step"]) for s in torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True)["state"].values()}
 
 
-def test_imagenet_preset_lora_on_converted_adm_checkpoints_mid_epoch_resumes_and_certifies(
+def test_imagenet_preset_lora_on_converted_adm_checkpoints_checkpoints_mid_epoch_and_certifies(
     ray_session, job_env, guided_denoiser, timm_weights, tmp_path  # noqa: F811  (the imported fixtures)
 ):
     # 6 images: 2 held out for the probe, 4 trained on; --denoiser-fit resize keeps the 32x32 UNet at 32
@@ -64,11 +64,8 @@ def test_imagenet_preset_lora_on_converted_adm_checkpoints_mid_epoch_resumes_and
     assert all("lora_" in name for name in load_file(str(last / WEIGHTS_FILE)))  # adapters only
     assert optimizer_steps(last) == {2.0}
 
-    driver.finetune(parser.parse_args([*flags[:-2], "--epochs", "2", "--resume"]))
-    last = latest_checkpoint(tmp_path / "storage")
-    assert optimizer_steps(last) == {4.0}  # AdamW's state continued from the first run's
-    history = json.loads((out / driver.HISTORY_FILE).read_text())
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # (a resume continuing this state is tested on the digits models, tests/finetune/test_finetune.py)
+    assert [h["epoch"] for h in json.loads((out / driver.HISTORY_FILE).read_text())] == [0, 1]
 
     exported = load_denoiser(out / "denoiser")
     base = load_denoiser(guided_denoiser)
@@ -81,7 +78,7 @@ def test_imagenet_preset_lora_on_converted_adm_checkpoints_mid_epoch_resumes_and
                      "--out", str(tmp_path / "certified"), env=job_env)
     assert succeeded(result)
     report = (tmp_path / "certified" / "report.md").read_text()
-    assert f"fine-tuned from {guided_denoiser} by run {record['name']} (4 steps, LoRA rank 2" in report, report
+    assert f"fine-tuned from {guided_denoiser} by run {record['name']} (2 steps, LoRA rank 2" in report, report
 
 
 def write_cifar_batches(folder: Path, per_batch: int) -> Path:
