@@ -46,14 +46,30 @@ def digits_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def is_xdist_controller(config) -> bool:
+    """The pytest-xdist process that only hands out modules; the workers (or a plain run) run tests."""
+    return not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None) not in (None, 0)
+
+
+def pytest_configure(config):
+    """One thread wherever tests run: the two xdist workers share the two cores, and a torch or OpenMP
+    pool sized to the machine spins against the other worker's (in-process models, and the jobs a test
+    starts, which inherit OMP_NUM_THREADS; small batches ran ~5× slower). Ray's actors already run one
+    thread each (num_cpus=1)."""
+    if is_xdist_controller(config):
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def pytest_sessionstart(session):
     """Under pytest-xdist, train the digits models once in the controller, on both cores, before the
     workers start: trained inside a worker, the training shares the cores with the other worker's tests
     (187 s instead of about 80) while every test that needs the models waits for its lock."""
     config = session.config
-    if hasattr(config, "workerinput") or getattr(config.option, "numprocesses", None) in (None, 0):
-        return
-    if os.environ.get("MDDS_TEST_CACHE_DIR"):
+    if not is_xdist_controller(config) or os.environ.get("MDDS_TEST_CACHE_DIR"):
         return
     from pipeline.models.digits import digits_classifier_dir, digits_denoiser_dir
 

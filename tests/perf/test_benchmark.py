@@ -43,16 +43,7 @@ class MeanIntensityClassifier(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Small batches on a busy 2-core machine: a second torch thread costs more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def denoiser(one_thread):
+def denoiser():
     from pipeline.models.denoiser import denoiser_from_parts
     from pipeline.models.digits import new_digits_scheduler, new_digits_unet
 
@@ -197,7 +188,7 @@ def test_peak_table_and_override() -> None:
     assert peak_bf16_flops("NVIDIA L4", override_tflops=100.0) == 100e12
 
 
-def test_finetune_memory_check_trains_only_the_adapters_on_its_cpu_path(one_thread) -> None:
+def test_finetune_memory_check_trains_only_the_adapters_on_its_cpu_path() -> None:
     """The ImageNet fine-tuning defaults' code path (LoRA, gradient checkpointing) on a tiny UNet; the
     memory figure itself needs a GPU (jobs/gpu_check.sh)."""
     from pipeline.perf.gpu_check import FinetuneMemorySettings, run_finetune_memory_check
@@ -216,7 +207,7 @@ def gpu_check_tiny_unet() -> torch.nn.Module:
     return guided_denoiser(TINY_UNET, torch.device("cpu")).unet
 
 
-def test_gpu_check_runs_its_cpu_path_with_a_tiny_unet(one_thread) -> None:
+def test_gpu_check_runs_its_cpu_path_with_a_tiny_unet() -> None:
     from pipeline.perf.gpu_check import GpuCheckSettings, run_gpu_check
 
     result = run_gpu_check(GpuCheckSettings(tiny=True, batch_size=64, timed_batches=1), torch.device("cpu"))
