@@ -11,18 +11,34 @@ class ĉ and the capped radius r_t (own bound, then the caps of the earlier stag
 - moves on      — p̄_t < p0 (falls through), or the routing sends a finished stage on (below);
 - finished      — general mode: r_t > 0 and r_t is within `radius_tolerance` of r̂, the radius the
                   sequence would give at n_max if the vote rates stayed as they are (more samples
-                  would add at most about that); or no certificate is reachable by n_max even at
-                  rate p̄_t. Target-radius mode (`target_radii` R_1 < … < R_m, the question papers
-                  report: "is this image certified at R?"): every R is settled — proven (r_t ≥ R)
-                  or out of reach (r at n_max, were the remaining votes at rate p̄_t, stays < R);
-- or n_max is reached.
-In cascade routing an unfinished-uncertified stage keeps sampling while falling through is still
-reachable (the published rule: undecided abstains, so the only way on is p̄ < p0).
+                  would add at most about that); or no certificate is within reach by n_max.
+                  Target-radius mode (`target_radii` R_1 < … < R_m, the question papers report:
+                  "is this image certified at R?"): every R is settled — proven (r_t ≥ R) or out of
+                  reach. Within reach means: the capped radius at n_max is > 0 (≥ R), were every
+                  stage's remaining votes to come at its current rates moved FUTILITY_STANDARD_ERRORS
+                  (one) standard error in the certificate's favour — ĉ's rate up, and every other
+                  class's rate at each earlier stage (its cap) down;
+- or the stage it would sample next has reached n_max.
+An uncertified stage keeps sampling while falling through is still within reach (ĉ's rate moved one
+standard error down), in every routing: cascade needs it (undecided abstains, so the only way on is
+p̄ < p0), and continue and best thereby sample exactly what cascade samples until cascade stops.
+An image whose radius is limited by an earlier stage's cap samples that stage further (the binding
+term of r_t decides which stage a round goes to), with the one-standard-error allowance above
+deciding when that cap is out of reach: a stage that fell through after a round or two has a cap
+from a few dozen votes, and projecting it at its current rates would give up on certificates that
+more votes there reach.
 
-Routing (docs/statistics.md, "Routing needs no coverage") — what a finished stage does:
+Routing (docs/statistics.md, "Routing needs no coverage") — what a finished stage does; the stopping
+above is the same for every routing:
 - cascade:  stops there (certified or abstains);
-- continue: stops if certified, else goes on to the next scale (certifies a superset of cascade);
-- best:     always goes on: every scale is sampled, the largest certificate speaks.
+- continue: stops if certified, else goes on to the next scale. Until cascade would stop, it samples
+            exactly what cascade samples, so on the same votes (counter-seeded noise) it issues every
+            certificate cascade issues, with the same radius, and can certify images cascade
+            abstains on;
+- best:     always goes on: every scale is sampled, the largest certificate speaks. Not a superset
+            image by image: a later stage may sample an earlier one again for its cap, which moves
+            that stage's own bound (tests/stats/test_sequential.py checks that best certifies at
+            least as often as cascade on the same votes).
 
 Target-radius certificates: `radius` is the largest R proven (r_t ≥ R), and an image with none
 abstains (prediction −1, radius 0), so the results keep their schema and a certified-accuracy query
@@ -74,18 +90,29 @@ def _radius(sigma: float, lower: np.ndarray, p0: float) -> np.ndarray:
     return sigma * (ndtri(lower) - ndtri(p0))
 
 
+def _votes_at(votes: np.ndarray, trials: np.ndarray, n_max: int, standard_errors: float) -> np.ndarray:
+    """Votes after n_max samples, were the remaining n_max − trials to come at the current rate moved by
+    `standard_errors` standard errors (clipped to [0, 1]): what the stopping rule projects. `votes` is
+    (M,) or (M, C) with `trials` broadcasting against it."""
+    rate = votes / trials
+    shifted = rate + standard_errors * np.sqrt(rate * (1.0 - rate) / trials)
+    return votes + np.clip(shifted, 0.0, 1.0) * (n_max - trials)
+
+
 def _cap_terms(estimate: np.ndarray, selected: np.ndarray, sigmas: np.ndarray, level: float, p0: float,
-               trials: int | None = None) -> np.ndarray:
+               n_max: int | None = None, standard_errors: float = 0.0) -> np.ndarray:
     """(M, j) caps sigma_j (Φ⁻¹(p0) − Φ⁻¹(q̄_j)) of the earlier stages (estimate is (M, j, C)).
 
-    With `trials`, the votes are first rescaled to that many samples at the same rates: the cap
-    those stages would give after `trials` samples (used to judge whether sampling them pays)."""
+    With `n_max`, the cap those stages would give after n_max samples each (`_votes_at`: the remaining
+    votes of every class at its current rate moved by `standard_errors` standard errors; a negative
+    value moves the other classes down, the cap up): used to judge whether sampling them pays."""
     terms = np.empty((len(selected), estimate.shape[1]))
     for j in range(estimate.shape[1]):
         votes = estimate[:, j].astype(np.float64)
-        if trials is not None:
-            votes = votes * (trials / votes.sum(axis=1, keepdims=True))
-        uppers = sequence_upper(votes, votes.sum(axis=1, keepdims=True), level / votes.shape[1])
+        trials = votes.sum(axis=1, keepdims=True)
+        if n_max is not None:
+            votes, trials = _votes_at(votes, trials, n_max, standard_errors), np.full_like(trials, n_max)
+        uppers = sequence_upper(votes, trials, level / votes.shape[1])
         uppers[np.arange(len(selected)), selected] = -np.inf
         terms[:, j] = sigmas[j] * (ndtri(p0) - ndtri(uppers.max(axis=1)))
     return terms
@@ -200,13 +227,36 @@ def certify_cascade_sequential(
 CONTINUE, DONE, NEXT = 0, 1, 2
 
 FUTILITY_STANDARD_ERRORS = 1.0
-"""Futility (giving up on a certificate or a radius that n_max would not reach) assumes ĉ's remaining
-votes come at the current rate plus this many standard errors. It decides only when sampling
-stops, so it costs power, never validity. Why not p̄_t: an image whose radius at n_max would land
-just below R (those near R are the costly ones) would then sample to n_max in vain, since p̄_t at
-level alpha/T stays far above the rate for thousands of samples; one standard error gives up on it
-once the votes make that unlikely (first 10 digits test images, target radius 0.5: 7.8× fewer
-forward passes than fixed n = 10,000 with p̄_t, 25× with one standard error, same certificates)."""
+"""Futility (giving up on a certificate or a radius that n_max would not reach) assumes the remaining
+votes come at the current rates moved this many standard errors in the certificate's favour: ĉ's
+rate up, the other classes' rates at the earlier stages (the caps) down; the test whether a stage
+can still fall through moves ĉ's rate down. It decides only when sampling stops, so it costs power,
+never validity. Why not p̄_t: an image whose radius at n_max would land just below R (those near R
+are the costly ones) would then sample to n_max in vain, since p̄_t at level alpha/T stays far above
+the rate for thousands of samples; one standard error gives up on it once the votes make that
+unlikely (first 10 digits test images, target radius 0.5: 7.8× fewer forward passes than fixed
+n = 10,000 with p̄_t, 25× with one standard error, same certificates)."""
+
+
+def _radii_at_n_max(now: _Stage, earlier: np.ndarray, sigmas: np.ndarray, stage: int, level: float, p0: float,
+                    n_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """(projected, optimistic): the capped radius were every stage sampled to n_max.
+
+    projected (how much more samples would add): ĉ at its Krichevsky-Trofimov rate
+    (votes + 1/2) / (n + 1), so that unanimous votes do not project a classifier that never errs, whose
+    radius would keep growing to n_max; the earlier stages' classes at their current rates.
+    optimistic (whether a certificate or R is still within reach): every rate moved
+    FUTILITY_STANDARD_ERRORS standard errors in the certificate's favour — ĉ's up, and each other
+    class's at every earlier stage down. Why the caps get the allowance too: a stage that fell through
+    after a round or two has a cap from a few dozen votes; projecting that cap at its current rates gives
+    up on images whose cap would clear with more samples there."""
+    own = _radius(sigmas[stage], sequence_lower((now.votes + 0.5) / (now.trials + 1) * n_max, n_max, level), p0)
+    caps = _cap_terms(earlier, now.selected, sigmas, level, p0, n_max).min(axis=1, initial=np.inf)
+    best_own = _radius(sigmas[stage], sequence_lower(
+        _votes_at(now.votes, now.trials, n_max, FUTILITY_STANDARD_ERRORS), n_max, level), p0)
+    best_caps = _cap_terms(earlier, now.selected, sigmas, level, p0, n_max,
+                           -FUTILITY_STANDARD_ERRORS).min(axis=1, initial=np.inf)
+    return np.minimum(own, caps), np.minimum(best_own, best_caps)
 
 
 def round_status(
@@ -217,27 +267,16 @@ def round_status(
     routing, radius_tolerance and target_radii.
 
     CONTINUE: sample the returned stage one more round; DONE: the image is finished; NEXT: go on to
-    stage + 1 (the caller finishes the image at the last stage). An image whose radius is limited
-    by an earlier stage's cap (few samples there, because it moved on early) samples that stage
-    next: the caps' sequences are time-uniform too, so sampling a stage again later is as valid as
-    sampling it longer at once.
+    stage + 1 (the caller finishes the image at the last stage). Whether the stage is finished does
+    not depend on the routing; the routing only picks DONE or NEXT for a finished stage. An image
+    whose radius is limited by an earlier stage's cap samples that stage next: the caps' sequences
+    are time-uniform too, so sampling a stage again later is as valid as sampling it longer at once.
     """
     sigmas = np.asarray(config.sigmas, dtype=np.float64)
     level = sequential_level(len(sigmas), config.rule.alpha)
     p0, n_max, routing = config.p0, config.n, config.routing
     now = _stage(select, estimate, stage, sigmas, level, p0)
-    remaining = n_max - now.trials
-    # The radius at n_max: at ĉ's estimated rate (projected; the Krichevsky-Trofimov estimate
-    # (votes + 1/2) / (n + 1), so that unanimous votes do not project a classifier that never errs,
-    # whose radius would keep growing to n_max), and at a plausibly better rate (optimistic); the caps
-    # at their current rates in both.
-    rate = now.votes / now.trials
-    spread = FUTILITY_STANDARD_ERRORS * np.sqrt(rate * (1.0 - rate) / now.trials)
-    caps_at_n_max = _cap_terms(estimate[:, :stage], now.selected, sigmas, level, p0, n_max).min(axis=1, initial=np.inf)
-    projected = np.minimum(_radius(sigmas[stage], sequence_lower((now.votes + 0.5) / (now.trials + 1) * n_max, n_max, level), p0),
-                           caps_at_n_max)
-    optimistic = np.minimum(_radius(sigmas[stage], sequence_lower(
-        now.votes + np.minimum(rate + spread, 1.0) * remaining, n_max, level), p0), caps_at_n_max)
+    projected, optimistic = _radii_at_n_max(now, estimate[:, :stage], sigmas, stage, level, p0, n_max)
     binding = now.terms.argmin(axis=1)  # 0 = this stage's own bound, j + 1 = the cap of stage j
     sample = np.where(binding > 0, binding - 1, stage)
     exhausted = estimate[np.arange(len(sample)), sample].sum(axis=1) >= n_max
@@ -250,9 +289,9 @@ def round_status(
         certified = now.radius > 0
         finished = np.where(certified, now.radius >= projected - config.radius_tolerance, optimistic <= 0)
     falls_through = now.upper < p0
-    if routing == "cascade":  # undecided abstains there: keep sampling while falling through can happen
-        can_fall = sequence_upper(now.votes + np.maximum(rate - spread, 0.0) * remaining, n_max, level) < p0
-        finished &= certified | ~can_fall
+    can_fall = sequence_upper(_votes_at(now.votes, now.trials, n_max, -FUTILITY_STANDARD_ERRORS), n_max,
+                              level) < p0
+    finished &= certified | ~can_fall
     finished |= exhausted
     if routing == "cascade":
         on_finish = np.full(len(sample), DONE)
