@@ -8,7 +8,6 @@ LoRA) in DDP, and trains on its own shard of the "train" dataset (rows {"image_i
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,10 +25,6 @@ from pipeline.finetune.weights import LoraSettings, load_checkpoint, save_checkp
 from pipeline.models.denoiser import OneShotDenoiser
 from pipeline.models.precision import Precision, autocast
 from pipeline.models.spec import ModelSpec
-
-FAIL_ONCE_ENV = "MDDS_INJECT_TRAIN_FAILURE"
-"""Fault injection for tests: a marker-file path. Rank 0 creates it after its first mid-epoch checkpoint
-and kills its own process, as a preempted node would; Ray Train restarts the group from that checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +157,9 @@ class _Worker:
     bare: OneShotDenoiser
     classifier: torch.nn.Module
     progress: dict[str, Any]
-    fail_once_marker: str | None = None
 
     @classmethod
-    def start(cls, settings: FinetuneSettings, fail_once_marker: str | None = None) -> "_Worker":
+    def start(cls, settings: FinetuneSettings) -> "_Worker":
         """Load the models through certification's loaders, restore the latest checkpoint if the run
         has one, then wrap in DDP (DDP broadcasts rank 0's weights, so every replica starts identical)."""
         context = ray.train.get_context()
@@ -193,7 +187,7 @@ class _Worker:
         if settings.precision == "bf16":  # frozen: its weights need no fp32 master copy
             classifier = classifier.to(torch.bfloat16)
         return cls(settings, device, context.get_world_rank(), context.get_world_size(), model, optimizer,
-                   denoiser, bare, classifier, progress, fail_once_marker)
+                   denoiser, bare, classifier, progress)
 
     def probe(self, probe_set: ProbeSet) -> dict[str, float]:
         self.model.eval()
@@ -238,16 +232,9 @@ class _Worker:
             every = settings.checkpoint_every
             if every and self.progress["step"] % every == 0 and self.progress["epoch_step"] < steps_per_epoch:
                 self.report({"epoch": epoch, "step": self.progress["step"]})
-                self._fail_once()
         totals = _sum_over_workers(sums)
         steps = max(float(totals[-1]), 1.0)
         return {name: float(value) / steps for name, value in zip(METRIC_NAMES, totals)}
-
-    def _fail_once(self) -> None:
-        marker = self.fail_once_marker
-        if self.rank == 0 and marker and not Path(marker).exists():
-            Path(marker).touch()
-            os._exit(1)
 
     def report(self, metrics: dict[str, float]) -> None:
         """Every worker reports (it is a barrier); rank 0 alone writes the checkpoint, since DDP keeps
@@ -264,10 +251,10 @@ class _Worker:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; config = {"settings": FinetuneSettings, "probe": ProbeSet, "fail_once_marker"}."""
+    """Ray Train entry point; config = {"settings": FinetuneSettings, "probe": ProbeSet}."""
     settings: FinetuneSettings = config["settings"]
     probe_set: ProbeSet = config["probe"]
-    worker = _Worker.start(settings, config.get("fail_once_marker"))
+    worker = _Worker.start(settings)
     progress = worker.progress
     if not progress["history"]:  # the base model's probe: the baseline every later epoch compares to
         progress["history"].append({"epoch": 0, "step": 0, **worker.probe(probe_set)})

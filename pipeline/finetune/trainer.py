@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.errors import UserError
-from pipeline.finetune.train_loop import FAIL_ONCE_ENV, FinetuneSettings, ProbeSet, train_loop_per_worker
+from pipeline.finetune.train_loop import FinetuneSettings, ProbeSet, train_loop_per_worker
 
 CHECKPOINTS_KEPT = 2
 RESTARTS = 3
@@ -59,7 +57,7 @@ def fit(settings: FinetuneSettings, probe: ProbeSet, dataset: ray.data.Dataset, 
     """Train; a run whose storage already holds checkpoints of `name` continues from the latest one."""
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"settings": settings, "probe": probe, "fail_once_marker": os.environ.get(FAIL_ONCE_ENV)},
+        train_loop_config={"settings": settings, "probe": probe},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(num_workers, use_gpu)),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -10,7 +10,7 @@ once, as if its machine vanished.
   retries the batch, so the run ends with the counts and results.parquet of an uninterrupted run (fp32
   counts do not depend on batching or on where a batch ran). The uninterrupted reference runs in this
   process on the test session's local Ray, cheaper than a second job subprocess.
-- fine-tuning (opt-in, MDDS_TEST_TRAIN_NODE_LOSS=1): a training worker's node, once Ray Train has taken a
+- fine-tuning: a training worker's node, once Ray Train has taken a
   mid-epoch checkpoint. A replacement node joins (as an autoscaler would start one) and Ray Train restarts
   the worker group from that checkpoint.
 """
@@ -50,7 +50,6 @@ TRAIN_WORKER_TITLE = "ray::RayTrainWorker"
 # one epoch of 10 steps per worker, a checkpoint every 2: the kill lands mid-epoch
 FINETUNE = ("--num-workers", "2", "--batch-size", "64", "--probe-images", "8", "--probe-samples", "4", "--epochs", "1",
             "--checkpoint-every", "2")
-TRAIN_NODE_LOSS_ENV = "MDDS_TEST_TRAIN_NODE_LOSS"
 BASE_PROBE_LINE = re.compile(r"pid=(\d+)\S*\s+base denoiser:")  # "(RayTrainWorker pid=…) base denoiser: …"
 JOB_TIMEOUT_S = 300
 
@@ -145,8 +144,6 @@ def test_worker_node_lost_mid_batch_gives_the_clean_results(cluster, clean_run, 
     assert_same_run(out, clean_run)
 
 
-@pytest.mark.skipif(not os.environ.get(TRAIN_NODE_LOSS_ENV), reason=f"opt-in ({TRAIN_NODE_LOSS_ENV}=1): about as long "
-                    "again as the certify case, beyond this module's share of the CI time")
 def test_worker_node_lost_mid_epoch_restarts_training_from_the_checkpoint(cluster, tiny_models, tmp_path):
     """Two training workers of one CPU each and one CPU for Ray Data's tasks (pipeline/finetune/trainer.py):
     the cluster gets a node more, and a replacement for the one killed."""
@@ -161,8 +158,8 @@ def test_worker_node_lost_mid_epoch_restarts_training_from_the_checkpoint(cluste
         cluster.add_node()
         output = finish(job, log)
 
-    # as tests/finetune/test_finetune.py asserts of an injected worker death: exactly one epoch's steps,
-    # optimizer state included (a group restarted afresh would pass these too; the probe line below tells)
+    # exactly one epoch's steps, optimizer state included (a group restarted afresh would pass these too;
+    # the probe line below tells)
     last = latest_checkpoint(Path(json.loads((out / "run.json").read_text())["storage_path"]))
     progress = json.loads((last / "training.json").read_text())
     steps_per_epoch = (progress["settings"]["train_rows"] // 2) // 64

@@ -42,7 +42,7 @@ def test_a_100_image_early_exit_run_is_one_execution_with_few_workers(digits_cac
                                                                         executions):
     out: Path = tmp_path / "out"
     args = build_parser("digits", "test").parse_args(
-        ["--num-images", "100", "--n", "100", "--n-select", "20", "--sigmas", "1.0,0.5,0.25", "--num-actors", "2",
+        ["--num-images", "100", "--n", "40", "--n-select", "10", "--sigmas", "1.0,0.5,0.25", "--num-actors", "2",
          "--out", str(out)])
     request = request_from_args(args)
     with PeakRayWorkers() as workers:

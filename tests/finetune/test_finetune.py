@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import asdict
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +36,7 @@ from pipeline.finetune.weights import (
 )
 from pipeline.models.denoiser import denoiser_from_parts, load_denoiser
 
-REPO = Path(__file__).resolve().parents[2]
-JOB = REPO / "jobs" / "finetune_diffusion.py"
+JOB = "finetune_diffusion.py"
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")
 
 
@@ -270,33 +267,27 @@ def latest_checkpoint(storage: Path) -> Path:
     return max(checkpoints, key=lambda path: json.loads((path / "training.json").read_text())["step"])
 
 
-@pytest.mark.slow  # two Ray Train runs, one with a restart: ~45 s each on 2 idle cores, mostly worker start-up
-def test_two_worker_run_survives_a_lost_worker_resumes_with_optimizer_state_and_exports(
-    ray_session, tiny_models, tmp_path, monkeypatch
-):
-    """A worker preempted mid-epoch: the group restarts from the mid-epoch checkpoint, skips the batches
-    the lost pass had trained on and ends on exactly one epoch's steps, optimizer state included; a
-    resume then continues that state for a second epoch, and the export is the last checkpoint."""
+@pytest.mark.slow  # two Ray Train runs: ~45 s each on 2 idle cores, mostly worker start-up
+def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray_session, tiny_models, tmp_path):
+    """A run of one epoch (checkpoints mid-epoch and at its end), a resume for a second epoch that continues
+    the optimizer state, and an export that is the last checkpoint. A worker lost mid-epoch (the group
+    restarts from the mid-epoch checkpoint): tests/distributed/test_node_loss.py."""
     from pipeline.app import finetune as job
-    from pipeline.finetune.train_loop import FAIL_ONCE_ENV
 
     denoiser_dir, classifier_path = tiny_models
-    out, marker = tmp_path / "out", tmp_path / "worker-died"
+    out = tmp_path / "out"
     common = ["--out", str(out), "--num-workers", "2", "--batch-size", "64", "--probe-images", "8",
               "--probe-samples", "4", "--checkpoint-every", "3", "--lr", "1e-3"]
     parser = job.build_parser("fine-tune")
-    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
     job.finetune(parser.parse_args(common + ["--epochs", "1", "--denoiser", str(denoiser_dir),
                                              "--classifier", str(classifier_path)]))
-    assert marker.exists(), "the injected failure never fired"
-    monkeypatch.delenv(FAIL_ONCE_ENV)
 
     record = json.loads((out / "run.json").read_text())
     storage = Path(record["storage_path"])
     first = latest_checkpoint(storage)
     progress = json.loads((first / "training.json").read_text())
     steps_per_epoch = (progress["settings"]["train_rows"] // 2) // 64
-    assert steps_per_epoch > 3  # so the failure struck after a mid-epoch checkpoint
+    assert steps_per_epoch > 3  # so there were mid-epoch checkpoints
     assert (progress["epoch"], progress["step"], progress["epoch_step"]) == (1, steps_per_epoch, 0)
     adam_steps = {float(s["step"]) for s in torch.load(first / OPTIMIZER_FILE, weights_only=True)["state"].values()}
     assert adam_steps == {float(steps_per_epoch)}
@@ -341,9 +332,10 @@ def rgb_denoiser(folder: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["objective", "missing data", "missing denoiser", "mismatched denoiser",
                                   "missing classifier weights"])
-def test_job_bad_input_is_one_line_exit_2_before_out_is_touched(case, tmp_path, tiny_models):
-    """Refused in the driver, before Ray starts or --out is created."""
+def test_job_bad_input_is_one_line_exit_2_before_out_is_touched(case, tmp_path, tiny_models, monkeypatch, capfd):
+    """Refused in the driver, before Ray starts or --out is created (the job's __main__, in this process)."""
     denoiser, classifier = tiny_models
+    from tests.jobs.test_bad_inputs import assert_user_error, run_job
     from tests.jobs.test_imagenet_job import make_imagenet_tree, make_diffusers_denoiser
 
     imagenet = ["--preset", "imagenet", "--data", str(make_imagenet_tree(tmp_path / "train")), "--denoiser-fit",
@@ -359,9 +351,6 @@ def test_job_bad_input_is_one_line_exit_2_before_out_is_touched(case, tmp_path, 
         "missing classifier weights": ([*imagenet, "--classifier-weights", str(tmp_path / "absent.safetensors")],
                                        f"weights file not found: {tmp_path / 'absent.safetensors'}"),
     }[case]
-    result = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path / "o"), *flags],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    assert expected in lines[0], lines[0]
+    code, err = run_job(JOB, ["--out", str(tmp_path / "o"), *flags], monkeypatch, capfd)
+    assert_user_error(code, err, expected)
     assert not (tmp_path / "o").exists()

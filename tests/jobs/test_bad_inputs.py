@@ -8,6 +8,7 @@ Ray), so a case costs no interpreter start-up; one subprocess case checks the re
 from __future__ import annotations
 
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,7 +320,11 @@ def tiny_imagenet(tmp_path_factory) -> dict[str, Path]:
     (with_missing / "n01").mkdir(parents=True)
     Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(with_missing / "n01" / "a.png")
     (with_missing / "n01" / "b.png").symlink_to(root / "deleted.png")
-    return {"data": data, "missing_data": with_missing, "denoiser": denoiser,
+    # both kinds at once, for the skipping run: the first tree plus a dangling n02/e.png
+    mixed = root / "val-mixed"
+    shutil.copytree(data, mixed)
+    (mixed / "n02" / "e.png").symlink_to(root / "deleted.png")
+    return {"data": data, "missing_data": with_missing, "mixed_data": mixed, "denoiser": denoiser,
             "weights": root / "resnet10t.safetensors", "nan_weights": root / "resnet10t-nan.safetensors",
             "corrupt_weights": root / "resnet10t-corrupt.safetensors"}
 
@@ -344,16 +349,17 @@ def test_unreadable_images_fail_by_default(tiny_imagenet, tmp_path, ray_session,
 
 
 @pytest.mark.slow
-def test_unreadable_images_skipped_and_listed(tiny_imagenet, tmp_path, ray_session, monkeypatch, capfd):
+def test_unreadable_and_missing_images_skipped_and_listed(tiny_imagenet, tmp_path, ray_session, monkeypatch, capfd):
     out = tmp_path / "out"
-    code, err = run_job("certify.py", imagenet_args(tiny_imagenet, out, "--on-bad-image", "skip"), monkeypatch, capfd)
+    args = imagenet_args(tiny_imagenet, out, "--on-bad-image", "skip", "--num-images", "5", data="mixed_data")
+    code, err = run_job("certify.py", args, monkeypatch, capfd)
     assert code == 0, err
-    # ImageFolder order: n01/a.png, n01/b.JPEG, n02/c.png, n02/d.png; the grayscale c.png is converted, not skipped
+    # ImageFolder order: n01/a.png, n01/b.JPEG, n02/c.png, n02/d.png, n02/e.png; the grayscale c.png is
+    # converted, not skipped; b.JPEG and d.png do not decode, e.png is gone
     assert pq.read_table(out / "results.parquet")["image_id"].to_pylist() == [0, 2]
     skipped = [line for line in (out / "report.md").read_text().splitlines() if "skipped" in line]
-    assert len(skipped) == 1 and "b.JPEG" in skipped[0] and "d.png" in skipped[0]
+    assert len(skipped) == 1 and all(name in skipped[0] for name in ("b.JPEG", "d.png", "e.png"))
     assert "a.png" not in skipped[0] and "c.png" not in skipped[0]
-
 
 
 @pytest.mark.slow
@@ -361,17 +367,6 @@ def test_missing_image_file_fails_by_default(tiny_imagenet, tmp_path, ray_sessio
     args = imagenet_args(tiny_imagenet, tmp_path / "out", "--on-bad-image", "fail", data="missing_data")
     code, err = run_job("certify.py", args, monkeypatch, capfd)
     assert "b.png" in assert_user_error(code, err, "missing", alone=False)
-
-
-@pytest.mark.slow
-def test_missing_image_file_skipped_and_listed(tiny_imagenet, tmp_path, ray_session, monkeypatch, capfd):
-    out = tmp_path / "out"
-    args = imagenet_args(tiny_imagenet, out, "--on-bad-image", "skip", data="missing_data")
-    code, err = run_job("certify.py", args, monkeypatch, capfd)
-    assert code == 0, err
-    assert pq.read_table(out / "results.parquet")["image_id"].to_pylist() == [0]
-    skipped = [line for line in (out / "report.md").read_text().splitlines() if "skipped" in line]
-    assert len(skipped) == 1 and "b.png" in skipped[0]
 
 
 @pytest.mark.parametrize("classifier, weights, fragment", [
