@@ -70,7 +70,7 @@ def test_counts_do_not_depend_on_actors_or_batching(all_scales_run, tmp_path):
     assert sorted_counts(tmp_path).equals(sorted_counts(all_scales_run))
 
 
-@pytest.mark.parametrize("routing", ["continue"])  # the published cascade's cells: tests/test_api.py, in-process
+@pytest.mark.parametrize("routing", ["cascade", "continue"])
 def test_early_exit_samples_only_the_images_the_routing_sends_on(all_scales_run, tmp_path, routing):
     certify(request(tmp_path, "--routing", routing))
     early = counts_to_arrays(sorted_counts(tmp_path), SIGMAS)
