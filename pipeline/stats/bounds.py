@@ -11,7 +11,7 @@ by the binomial law); Goodman is a chi-square approximation, kept only for the r
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import beta, chi2
+from scipy.special import betaincinv, betainccinv, gammaincinv
 
 from pipeline.errors import UserError
 
@@ -47,7 +47,7 @@ def clopper_pearson_lower(
     _check_counts(k, n)
     positive = k > 0
     # Where k = 0 the Beta shape would be 0; evaluate a harmless placeholder and overwrite it.
-    bound = beta.ppf(a, np.where(positive, k, 1.0), n - k + 1.0)
+    bound = betaincinv(np.where(positive, k, 1.0), n - k + 1.0, a)  # = scipy.stats.beta.ppf
     return np.where(positive, bound, 0.0)
 
 
@@ -67,7 +67,7 @@ def clopper_pearson_upper(
     _check_level(a)
     _check_counts(k, n)
     below_all = k < n
-    bound = beta.isf(a, k + 1.0, np.where(below_all, n - k, 1.0))
+    bound = betainccinv(k + 1.0, np.where(below_all, n - k, 1.0), a)  # = scipy.stats.beta.isf
     return np.where(below_all, bound, 1.0)
 
 
@@ -149,7 +149,7 @@ def goodman_upper(groups: np.ndarray, num_groups: np.ndarray, level: np.ndarray 
     level = np.asarray(level, dtype=np.float64)
     _check_level(level)
     total = groups.sum(axis=1, keepdims=True)
-    chi = chi2.ppf(1.0 - 2.0 * level / num_groups, 1)[:, None]
+    chi = 2.0 * gammaincinv(0.5, 1.0 - 2.0 * level / num_groups)[:, None]  # = scipy.stats.chi2.ppf(·, 1)
     share = groups / total
     delta = chi**2 + 4.0 * total * share * chi * (1.0 - share)
     upper = (2.0 * total * share + chi + np.sqrt(delta)) / (2.0 * (chi + total))

@@ -11,7 +11,6 @@ so the cascade does with probability at most K·alpha.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import binom
 
 from pipeline.errors import UserError
 
@@ -23,6 +22,8 @@ def top_two_pvalue(top: np.ndarray, runner_up: np.ndarray) -> np.ndarray:
     two tails beyond it: p = min(1, 2 P[Bin(n, 1/2) >= top]), as ``scipy.stats.binomtest`` gives.
     With no votes at all (n = 0) the p-value is 1.
     """
+    from scipy.stats import binom  # here, not at the top: scipy.stats takes ~0.5 s to import, in every actor
+
     top = np.asarray(top, dtype=np.int64)
     trials = top + np.asarray(runner_up, dtype=np.int64)
     return np.minimum(1.0, 2.0 * binom.sf(top - 1, trials, 0.5))

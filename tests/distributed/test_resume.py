@@ -1,23 +1,21 @@
 """Resume and fault tolerance of the certify job (issue 7 parts 3-4) on the real Ray pipeline.
 
-A run killed with SIGKILL and resumed, a resume that finds a half-written shard, and a run whose actor
-dies once mid-batch must all end with exactly the counts and results of an uninterrupted run: noise is
-counter-seeded, shards are content-named and written atomically, and Ray retries a dead actor's batch
-(here in an adaptive run; a fixed-n run's actor dies with its node in tests/distributed/test_node_loss.py).
-The uninterrupted reference and the resumes run in this process on the session's Ray (cheaper on two
-cores); the run that gets killed is a real `jobs/certify.py` subprocess.
+A resume that finds half-written or garbage shards, one that finds what a killed run leaves, and a run
+whose actor dies once mid-batch must all end with exactly the counts and results of an uninterrupted run:
+noise is counter-seeded, shards are content-named and written atomically, and Ray retries a dead actor's
+batch (here in an adaptive run; a fixed-n run's actor dies with its node in
+tests/distributed/test_node_loss.py). A real `jobs/certify.py` process SIGKILLed mid-run and resumed:
+tests/jobs/test_object_storage_jobs.py (its --out on the S3-protocol server). Everything here runs in
+this process on the session's Ray (cheaper on two cores).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import runpy
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -80,45 +78,6 @@ def clean_run(tmp_path_factory, digits_cache, ray_session) -> Path:
     assert rows_per_scale[1.0] == 12
     assert rows_per_scale[0.25] > 0, "no image reached the second stage: the resume tests would be weak"
     return out
-
-
-def kill_after_first_shard(out: Path, log: Path, timeout_s: float = 300.0) -> None:
-    """Start the job in its own process group and SIGKILL all of it (driver and local Ray) as soon as
-    its first counts shard exists."""
-    with log.open("wb") as output:
-        # its own local Ray (so that the kill takes all of it); on a busy machine raylet registration can
-        # take longer than Ray's default wait
-        env = dict(os.environ, RAY_raylet_start_wait_time_s="120")
-        job = subprocess.Popen([sys.executable, "jobs/certify.py", *SETTINGS, "--out", str(out)], cwd=REPO_ROOT,
-                               stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while not list((out / "counts").glob("part-*.parquet")):
-            assert job.poll() is None, f"the job ended (exit {job.returncode}) before writing a shard:\n" \
-                                       f"{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "no counts shard appeared in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
-
-
-def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path, clean_run, monkeypatch, capfd):
-    out = tmp_path / "out"
-    kill_after_first_shard(out, tmp_path / "killed-job.log")
-    assert not (out / "results.parquet").exists()
-    shards = sorted((out / "counts").glob("part-*.parquet"))
-    for shard in shards:  # whatever the kill interrupted, no shard a resume would trust is partial
-        pq.read_table(shard)
-    assert read_shards(str(out / "counts")).num_rows < sorted_counts(clean_run).num_rows
-    kept = {shard.name: shard.stat().st_mtime_ns for shard in shards}
-
-    code, err = run_certify(monkeypatch, capfd, *SETTINGS, "--out", str(out), "--resume")
-
-    assert code == 0, err
-    assert_same_run(out, clean_run)
-    # the shards of the killed run were reused, not recomputed
-    assert {name: (out / "counts" / name).stat().st_mtime_ns for name in kept} == kept
 
 
 def test_resume_recomputes_half_written_and_garbage_shards(tmp_path, clean_run, monkeypatch, capfd):
@@ -199,7 +158,8 @@ def test_actor_killed_mid_batch_gives_the_clean_counts_with_adaptive_sampling(tm
 def test_target_radius_run_resumes_and_reduces(tmp_path, target_radius_run, monkeypatch, capfd):
     """`--adaptive --target-radius`: a run stopped after its first batch and resumed equals an uninterrupted
     one, and jobs/reduce.py recomputes its results from the counts alone. The stop is what a SIGKILL
-    leaves (the run's config and the whole shards of finished batches; a real SIGKILL is above)."""
+    leaves (the run's config and the whole shards of finished batches; a real SIGKILL:
+    tests/jobs/test_object_storage_jobs.py)."""
     out = tmp_path / "out"
     (out / "counts").mkdir(parents=True)
     shutil.copy(target_radius_run / "run_config.json", out)

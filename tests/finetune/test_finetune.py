@@ -1,5 +1,7 @@
-"""The fine-tuning objective against hand computations, and the Ray Train job end to end on a
-tiny UNet and classifier (two CPU workers, checkpoint, resume with optimizer state, export)."""
+"""The fine-tuning objective against hand computations, checkpoints and export on a tiny UNet and
+classifier, and the job's refusals. The Ray Train job end to end (two CPU workers, checkpoints, resume with
+optimizer state, export) runs in tests/jobs/test_object_storage_jobs.py with its models and checkpoints on
+the S3-protocol server, and loses a worker node in tests/distributed/test_node_loss.py."""
 
 from __future__ import annotations
 
@@ -26,11 +28,9 @@ from pipeline.finetune.loss import (
 )
 from pipeline.finetune.weights import (
     LORA_TARGETS,
-    OPTIMIZER_FILE,
     WEIGHTS_FILE,
     LoraSettings,
     export_denoiser,
-    load_checkpoint,
     save_checkpoint,
     trainable_unet,
 )
@@ -265,60 +265,6 @@ def test_lora_checkpoint_exports_a_merged_denoiser_with_the_same_outputs(tiny_mo
 def latest_checkpoint(storage: Path) -> Path:
     checkpoints = [path.parent for path in storage.rglob("training.json")]
     return max(checkpoints, key=lambda path: json.loads((path / "training.json").read_text())["step"])
-
-
-@pytest.mark.slow  # two Ray Train runs: ~45 s each on 2 idle cores, mostly worker start-up
-def test_two_worker_run_checkpoints_resumes_with_optimizer_state_and_exports(ray_session, tiny_models, tmp_path):
-    """A run of one epoch (checkpoints mid-epoch and at its end), a resume for a second epoch that continues
-    the optimizer state, and an export that is the last checkpoint. A worker lost mid-epoch (the group
-    restarts from the mid-epoch checkpoint): tests/distributed/test_node_loss.py."""
-    from pipeline.app import finetune as job
-
-    denoiser_dir, classifier_path = tiny_models
-    out = tmp_path / "out"
-    common = ["--out", str(out), "--num-workers", "2", "--batch-size", "64", "--probe-images", "8",
-              "--probe-samples", "4", "--checkpoint-every", "3", "--lr", "1e-3"]
-    parser = job.build_parser("fine-tune")
-    job.finetune(parser.parse_args(common + ["--epochs", "1", "--denoiser", str(denoiser_dir),
-                                             "--classifier", str(classifier_path)]))
-
-    record = json.loads((out / "run.json").read_text())
-    storage = Path(record["storage_path"])
-    first = latest_checkpoint(storage)
-    progress = json.loads((first / "training.json").read_text())
-    steps_per_epoch = (progress["settings"]["train_rows"] // 2) // 64
-    assert steps_per_epoch > 3  # so there were mid-epoch checkpoints
-    assert (progress["epoch"], progress["step"], progress["epoch_step"]) == (1, steps_per_epoch, 0)
-    adam_steps = {float(s["step"]) for s in torch.load(first / OPTIMIZER_FILE, weights_only=True)["state"].values()}
-    assert adam_steps == {float(steps_per_epoch)}
-    first_history = json.loads((out / "history.json").read_text())
-
-    with pytest.raises(UserError, match="differs"):
-        job.finetune(parser.parse_args(common[:-2] + ["--lr", "5e-4", "--resume", "--epochs", "2"]))
-    job.finetune(parser.parse_args(common + ["--resume", "--epochs", "2"]))
-
-    history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1, 2] and history[:2] == first_history  # continued
-    last = latest_checkpoint(storage)
-    state = torch.load(last / OPTIMIZER_FILE, weights_only=True)["state"]
-    # AdamW's per-parameter step counts continue from the first run's: the state was restored
-    assert {float(s["step"]) for s in state.values()} == {float(2 * steps_per_epoch)}
-    assert json.loads((last / "training.json").read_text())["step"] == 2 * steps_per_epoch
-
-    # the exported denoiser is exactly the checkpoint's weights, and training moved them
-    exported = load_denoiser(out / "denoiser")
-    reference_unet = UNet2DModel.from_pretrained(denoiser_dir)
-    reference_unet.load_state_dict(load_file(str(last / WEIGHTS_FILE)))
-    reference = denoiser_from_parts(reference_unet.eval(), tiny_scheduler())
-    base = load_denoiser(denoiser_dir)
-    noisy = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    timesteps = torch.tensor([10, 100, 200, 300])
-    with torch.no_grad():
-        assert torch.equal(exported(noisy, timesteps), reference(noisy, timesteps))
-        assert not torch.allclose(exported(noisy, timesteps), base(noisy, timesteps), atol=1e-4)
-    check = trainable_unet(load_denoiser(denoiser_dir).unet, LoraSettings())
-    load_checkpoint(last, check)  # the checkpoint also loads through the resume path
-    assert all(torch.equal(a, b) for a, b in zip(check.state_dict().values(), reference_unet.state_dict().values()))
 
 
 def rgb_denoiser(folder: Path) -> Path:

@@ -21,6 +21,7 @@ from pipeline.models.precision import resolve_precision
 from pipeline.store.counts import COUNTS_SCHEMA, counts_to_arrays, read_counts
 from pipeline.store.results import RESULTS_SCHEMA
 from tests.conftest import REPO_ROOT
+from tests.jobs.test_bad_inputs import assert_user_error, run_job as run_in_process
 
 pytestmark = pytest.mark.slow
 SIGMAS = (1.0, 0.5, 0.25)
@@ -111,11 +112,6 @@ def test_family_wise_runs_every_image_at_alpha_over_m_and_says_so(all_scales_run
     assert line in report.splitlines() and line in plain_report.splitlines()
 
 
-def run_job(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "jobs/certify.py", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--preset", "mnist"], "unknown preset"),
     (["--sigmas", "0.5,x"], "--sigmas"),
@@ -126,22 +122,22 @@ def run_job(*args: str) -> subprocess.CompletedProcess:
 ])
 def test_bad_arguments_give_one_line_and_exit_2(flags, message, tmp_path, monkeypatch, capfd):
     """The job's __main__ in this process (tests/jobs/test_bad_inputs.py runs one as a real process)."""
-    from tests.jobs.test_bad_inputs import assert_user_error, run_job as run_in_process
-
     code, err = run_in_process("certify.py", [*flags, "--out", str(tmp_path / "o")], monkeypatch, capfd)
     assert_user_error(code, err, message)
 
 
-def test_cli_refuses_a_non_empty_out_and_keeps_it(tmp_path):
+def test_cli_refuses_a_non_empty_out_and_keeps_it(tmp_path, monkeypatch, capfd):
     keep = tmp_path / "results.parquet"
     keep.write_bytes(b"earlier results")
-    done = run_job("--out", str(tmp_path))
-    assert done.returncode == 2 and "not empty" in done.stderr
+    code, err = run_in_process("certify.py", ["--out", str(tmp_path)], monkeypatch, capfd)
+    assert_user_error(code, err, "not empty")
     assert keep.read_bytes() == b"earlier results"
 
 
 def test_cli_end_to_end(digits_cache, tmp_path):
-    done = run_job(*SMALL, "--out", str(tmp_path / "run"))
+    """`python jobs/certify.py` as a user runs it: a process of its own that starts its own local Ray."""
+    done = subprocess.run([sys.executable, "jobs/certify.py", *SMALL, "--out", str(tmp_path / "run")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| cascade 1/0.5/0.25 |" in done.stdout
     assert "base classifier clean test accuracy" in done.stdout
@@ -181,15 +177,14 @@ def test_adaptive_certification_runs_end_to_end(digits_cache, ray_session, all_s
                                   fixed["prediction"].to_numpy()[certified])
 
 
-def test_adaptive_is_refused_with_all_scales_and_in_predict(tmp_path):
-    done = run_job("--adaptive", "--all-scales", "--out", str(tmp_path / "o"))
-    assert done.returncode == 2 and "--adaptive" in done.stderr
-    done = subprocess.run([sys.executable, "jobs/predict.py", "--adaptive", "--out", str(tmp_path / "p")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "--adaptive" in done.stderr
+def test_adaptive_is_refused_with_all_scales_and_in_predict(tmp_path, monkeypatch, capfd):
+    code, err = run_in_process("certify.py", ["--adaptive", "--all-scales", "--out", str(tmp_path / "o")],
+                               monkeypatch, capfd)
+    assert_user_error(code, err, "--adaptive")
+    code, err = run_in_process("predict.py", ["--adaptive", "--out", str(tmp_path / "p")], monkeypatch, capfd)
+    assert_user_error(code, err, "--adaptive")
 
 
-def test_predict_refuses_p0_below_one_half(tmp_path):
-    done = subprocess.run([sys.executable, "jobs/predict.py", "--p0", "0.3", "--out", str(tmp_path / "p")],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "p0 must lie in" in done.stderr
+def test_predict_refuses_p0_below_one_half(tmp_path, monkeypatch, capfd):
+    code, err = run_in_process("predict.py", ["--p0", "0.3", "--out", str(tmp_path / "p")], monkeypatch, capfd)
+    assert_user_error(code, err, "p0 must lie in")

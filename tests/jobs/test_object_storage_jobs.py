@@ -5,14 +5,15 @@ MinIO or an on-prem store. A path-only bug (pathlib on a URL, a stale listing) f
 One digits run with `--denoiser` and `--out` on the server is shared by the module: it must equal the
 Python API's in-process computation on the local model files, `jobs/reduce.py` and `jobs/predict.py`
 read and write URLs beside it, and a SIGKILLed run resumed on the server must end with its counts and
-results. The tiny ImageNet layout
-reads `--data`, `--denoiser` and `--classifier-weights` from the server; fine-tuning writes its
-checkpoints (`--storage-path`) and export (`--export-to`) there. The jobs run in this process on the
-session's Ray (runpy of the real scripts), except the one that is killed, which joins that Ray.
+results. The tiny ImageNet layout reads `--data`, `--denoiser` and `--classifier-weights` from the
+server; fine-tuning on two workers writes its checkpoints (`--storage-path`) there, resumes from them
+and exports (`--export-to`) there. The jobs run in this process on the session's Ray (runpy of the real
+scripts), except the one that is killed, which joins that Ray.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -262,33 +263,66 @@ def tiny_finetune_urls(module_url, tmp_path_factory) -> tuple[str, str]:
             upload(root / "classifier.pt", f"{module_url}/models/tiny-classifier.pt"))
 
 
-def test_finetune_checkpoints_and_export_on_s3(tiny_finetune_urls, ray_session, module_url, tmp_path):
-    """One epoch on one worker, models read from the server: the checkpoint lands under --storage-path,
-    and --export-to holds exactly OUT/denoiser, whose UNet is the last checkpoint's weights and which
-    loads from there as certification's --denoiser does, naming its run."""
+def test_two_worker_finetune_on_s3_checkpoints_resumes_and_exports(tiny_finetune_urls, ray_session, module_url,
+                                                                   tmp_path, monkeypatch, capfd):
+    """Fine-tuning with its models read from the server and its checkpoints (--storage-path) written there:
+    one epoch on two workers (checkpoints mid-epoch and at its end), then a resume for a second epoch that
+    continues the optimizer state read back from the server. --export-to then holds exactly OUT/denoiser,
+    whose UNet is the last checkpoint's weights (moved by training) and which loads from there as
+    certification's --denoiser does, naming its run. A worker lost mid-epoch (the group restarts from the
+    mid-epoch checkpoint): tests/distributed/test_node_loss.py."""
     from safetensors.torch import load
 
-    from pipeline.finetune.weights import WEIGHTS_FILE
+    from pipeline.finetune.weights import OPTIMIZER_FILE, WEIGHTS_FILE
     from pipeline.models.spec import as_denoiser
+    from tests.jobs.test_bad_inputs import assert_user_error, run_job as run_in_process
 
     denoiser, classifier = tiny_finetune_urls
     out, storage, export = tmp_path / "out", f"{module_url}/finetune", f"{module_url}/models/finetuned"
-    run_job("finetune_diffusion.py", "--out", str(out), "--num-workers", "1", "--epochs", "1", "--batch-size", "256",
-            "--probe-images", "8", "--probe-samples", "2", "--denoiser", denoiser, "--classifier", classifier,
-            "--storage-path", storage, "--export-to", export)
-
+    common = ["finetune_diffusion.py", "--out", str(out), "--num-workers", "2", "--batch-size", "64",
+              "--probe-images", "8", "--probe-samples", "4", "--checkpoint-every", "3", "--denoiser", denoiser,
+              "--classifier", classifier, "--storage-path", storage]
+    run_job(*common, "--lr", "1e-3", "--epochs", "1")
     name = json.loads((out / "run.json").read_text())["name"]
-    stored = objects(f"{storage}/{name}")
-    checkpoints = {key.rsplit("/", 1)[0] for key in stored if key.endswith("/training.json")}
-    assert checkpoints, sorted(stored)
-    for checkpoint in checkpoints:
-        assert {f"{checkpoint}/{file}" for file in (WEIGHTS_FILE, "optimizer.pt")} <= set(stored)
+
+    def last_checkpoint() -> tuple[str, dict]:
+        """The newest checkpoint on the server (its URL) and its training.json; every one holds weights and optimizer."""
+        stored = objects(f"{storage}/{name}")
+        found = {key.rsplit("/", 1)[0] for key in stored if key.endswith("/training.json")}
+        assert found, sorted(stored)
+        for checkpoint in found:
+            assert {f"{checkpoint}/{file}" for file in (WEIGHTS_FILE, OPTIMIZER_FILE)} <= set(stored)
+        progress = {c: json.loads(read_bytes(f"{storage}/{name}/{c}/training.json")) for c in found}
+        last = max(found, key=lambda c: progress[c]["step"])
+        return f"{storage}/{name}/{last}", progress[last]
+
+    def adam_steps(checkpoint: str) -> set[float]:
+        state = torch.load(io.BytesIO(read_bytes(f"{checkpoint}/{OPTIMIZER_FILE}")), weights_only=True)["state"]
+        return {float(s["step"]) for s in state.values()}
+
+    first, progress = last_checkpoint()
+    steps_per_epoch = (progress["settings"]["train_rows"] // 2) // 64
+    assert steps_per_epoch > 3  # so there were mid-epoch checkpoints
+    assert (progress["epoch"], progress["step"], progress["epoch_step"]) == (1, steps_per_epoch, 0)
+    assert adam_steps(first) == {float(steps_per_epoch)}
+    first_history = json.loads((out / "history.json").read_text())
+
+    code, err = run_in_process(common[0], [*common[1:], "--lr", "5e-4", "--resume", "--epochs", "2"], monkeypatch, capfd)
+    assert_user_error(code, err, "--lr 0.0005 differs")
+    run_job(*common, "--lr", "1e-3", "--resume", "--epochs", "2", "--export-to", export)
+
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2] and history[:2] == first_history  # continued
+    last, progress = last_checkpoint()
+    # AdamW's per-parameter step counts continue from the first run's: the state was restored from the server
+    assert adam_steps(last) == {float(2 * steps_per_epoch)} and progress["step"] == 2 * steps_per_epoch
     exported = {p.relative_to(out / "denoiser").as_posix(): p.read_bytes()
                 for p in (out / "denoiser").rglob("*") if p.is_file()}
     assert {key: read_bytes(f"{export}/{key}") for key in objects(export)} == exported
-    last = max(checkpoints, key=lambda c: json.loads(read_bytes(f"{storage}/{name}/{c}/training.json"))["step"])
-    trained = load(read_bytes(f"{storage}/{name}/{last}/{WEIGHTS_FILE}"))
+    trained = load(read_bytes(f"{last}/{WEIGHTS_FILE}"))
     unet = load(exported["diffusion_pytorch_model.safetensors"])
-    assert trained.keys() == unet.keys() and all(torch.equal(trained[k], unet[k]) for k in trained)
+    base = load(read_bytes(f"{denoiser}/diffusion_pytorch_model.safetensors"))
+    assert trained.keys() == unet.keys() == base.keys() and all(torch.equal(trained[k], unet[k]) for k in trained)
+    assert not all(torch.equal(unet[k], base[k]) for k in unet)  # training moved the weights
     provenance = as_denoiser(export).provenance
     assert f"fine-tuned from {denoiser} by run {name} " in provenance and f"checkpoints in {storage})" in provenance
