@@ -17,7 +17,7 @@ app/ can all take it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from pipeline.errors import UserError
@@ -83,7 +83,9 @@ class CertifyConfig:
     family_size images (each image then runs at alpha / family_size: `image_alpha`). alpha_mode:
     union (a per-image guarantee, every routing valid) or reference (the published code). routing:
     cascade | continue | best; None resolves to continue in union mode with fixed n, else cascade.
-    strategy: early_exit | all_scales | adaptive. radius_tolerance, target_radii: adaptive only.
+    strategy: early_exit | all_scales | adaptive. radius_tolerance, target_radii, adaptive_select:
+    adaptive only; adaptive_select caps the selection samples an adaptive run draws per consulted
+    (image, scale) (`selection_samples`).
     task: certify, or predict (the cascaded prediction test, no certificate). seed: the noise seed.
     """
 
@@ -99,6 +101,7 @@ class CertifyConfig:
     strategy: StrategyName = "early_exit"
     radius_tolerance: float = 0.05
     target_radii: tuple[float, ...] = ()
+    adaptive_select: int = 16
     task: Task = "certify"
     seed: int = 0
     rule: CascadeRule = field(init=False, repr=False, compare=False)
@@ -107,7 +110,7 @@ class CertifyConfig:
         set_field = object.__setattr__.__get__(self)
         set_field("sigmas", check_sigmas(self.sigmas))
         set_field("target_radii", _target_radii(self.target_radii))
-        for name in ("n_select", "n", "seed"):
+        for name in ("n_select", "n", "seed", "adaptive_select"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise ConfigError("{" + name + "} must be an integer, got {value!r}", value=getattr(self, name))
         min_select = 0 if self.task == "predict" else 1
@@ -128,6 +131,8 @@ class CertifyConfig:
             raise ConfigError("{adaptive} works with early exit and union alpha only (drop {alpha_mode})")
         if self.target_radii and not adaptive:
             raise ConfigError("{target_radii} needs {adaptive} (a fixed-n run certifies every radius at once)")
+        if self.adaptive_select < 1:
+            raise ConfigError("{adaptive_select} must be >= 1, got {value}", value=self.adaptive_select)
         if not self.radius_tolerance >= 0:
             raise ConfigError("{radius_tolerance} must be >= 0, got {value}", value=self.radius_tolerance)
         if self.family_size is not None and self.family_size < 1:
@@ -137,6 +142,14 @@ class CertifyConfig:
         if not 0.0 < self.alpha < 1.0:  # checked here too: image_alpha below divides it
             raise ConfigError("{alpha} must be in (0, 1), got {value}", value=self.alpha)
         set_field("rule", CascadeRule(self.image_alpha, self.alpha_mode, self.p0, self.routing))
+
+    @property
+    def selection_samples(self) -> int:
+        """Selection samples drawn per consulted (image, scale): n_select, or in an adaptive run the first
+        min(n_select, adaptive_select) of them (the same noise as a fixed-n run's first ones). ĉ only needs
+        to be the top class, which a few votes settle wherever a certificate is within reach; the
+        estimation rounds pay for the rest (docs/adaptive.md)."""
+        return min(self.n_select, self.adaptive_select) if self.strategy == "adaptive" else self.n_select
 
     @property
     def image_alpha(self) -> float:
@@ -177,6 +190,10 @@ class CertifyConfig:
         values["sigmas"] = tuple(values.get("sigmas", ()))
         values["target_radii"] = tuple(values.get("target_radii", ()))
         return cls(**values)
+
+
+CONFIG_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(CertifyConfig) if f.default is not MISSING}
+"""Each field's default, for the command-line flags that show it: defined once, in the class."""
 
 
 def check_sigmas(sigmas: Any) -> tuple[float, ...]:

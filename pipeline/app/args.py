@@ -6,7 +6,7 @@ import argparse
 
 from pipeline.app.certify import CertifyRequest
 from pipeline.app.presets import DATASET_PRESETS, get_preset, parse_sigmas
-from pipeline.config import ALPHA_MODES, ROUTINGS, CertifyConfig, Task
+from pipeline.config import ALPHA_MODES, CONFIG_DEFAULTS, ROUTINGS, CertifyConfig, Task
 from pipeline.errors import UserError
 from pipeline.sampling.kernel import default_device
 from pipeline.distributed.run import ExecutionConfig
@@ -80,12 +80,16 @@ def build_parser(default_preset: str, description: str) -> argparse.ArgumentPars
     stats.add_argument("--adaptive", action="store_true",
                        help="sample each (image, scale) in rounds up to --n and stop once its decision is "
                             "settled; confidence sequences keep the certificate valid at --alpha")
-    stats.add_argument("--radius-tolerance", type=float, default=0.05,
-                       help="--adaptive: stop once the radius is within this of what --n samples would give")
+    stats.add_argument("--radius-tolerance", type=float, default=CONFIG_DEFAULTS["radius_tolerance"],
+                       help="--adaptive: stop once the radius is within this of what --n samples would give "
+                            "(default %(default)s)")
     stats.add_argument("--target-radius", type=float, action="append", default=[], metavar="R",
                        help="--adaptive: only ask whether each image is certified at radius R (repeatable); "
                             "stop as soon as every R is proven or out of reach. The radius reported is the "
                             "largest R proven; images with none abstain")
+    stats.add_argument("--adaptive-select", type=int, default=CONFIG_DEFAULTS["adaptive_select"], metavar="N",
+                       help="--adaptive: selection samples per consulted (image, scale), the first N of "
+                            "--n-select's (default %(default)s)")
     stats.add_argument("--seed", type=int, default=0, help="noise seed; counts depend only on it, not on batching")
     data = parser.add_argument_group("data and models")
     data.add_argument("--data", help="dataset location (cifar10: cifar-10-batches-py dir; imagenet: class-folder "
@@ -164,6 +168,7 @@ def request_from_args(args: argparse.Namespace, task: Task = "certify") -> Certi
         strategy="adaptive" if args.adaptive else "all_scales" if args.all_scales else "early_exit",
         radius_tolerance=args.radius_tolerance,
         target_radii=tuple(args.target_radius),
+        adaptive_select=args.adaptive_select,
         task=task,
         seed=args.seed,
     )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.app.presets import get_preset
-from pipeline.config import CertifyConfig
+from pipeline.config import CONFIG_DEFAULTS, CertifyConfig
 from pipeline.data.filesystems import open_location
 from pipeline.errors import UserError
 from pipeline.models.precision import PRECISION_CHOICES, resolve_precision
@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")
     parser.add_argument("--adaptive-images", type=int, default=100, help="images for adaptive vs fixed n")
     parser.add_argument("--n-max", type=int, default=10_000, help="n of the fixed run = n_max of the adaptive run")
-    parser.add_argument("--radius-tolerance", type=float, default=0.05,
-                        help="adaptive: stop once the radius is within this of what n_max would give")
+    parser.add_argument("--radius-tolerance", type=float, default=CONFIG_DEFAULTS["radius_tolerance"],
+                        help="adaptive: stop once the radius is within this of what n_max would give "
+                             "(default %(default)s)")
     parser.add_argument("--target-radius", type=float, action="append", default=None, metavar="R",
                         help="target-radius runs to compare (repeatable; default 0.25, 0.5, 0.75): each R alone, "
                              "then all together")

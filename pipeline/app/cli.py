@@ -16,7 +16,8 @@ EXIT_USER_ERROR = 2
 FLAG_NAMES = {
     "sigmas": "--sigmas", "n_select": "--n-select", "n": "--n", "alpha": "--alpha", "family_wise": "--family-wise",
     "alpha_mode": "--alpha-mode", "p0": "--p0", "routing": "--routing", "radius_tolerance": "--radius-tolerance",
-    "target_radii": "--target-radius", "seed": "--seed", "adaptive": "--adaptive", "all_scales": "--all-scales",
+    "target_radii": "--target-radius", "adaptive_select": "--adaptive-select", "seed": "--seed",
+    "adaptive": "--adaptive", "all_scales": "--all-scales",
     "early_exit": "early exit", "family_size": "the number of images",
 }
 """The flag each configuration field is set by: a ConfigError names the flags in a job's error line."""

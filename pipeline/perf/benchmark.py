@@ -243,14 +243,27 @@ def flops_section(fused: FusedDenoiseClassify, sample_shape: tuple[int, ...], si
             **utilization(flops_per_sample(fused, sample_shape, sigma), samples_per_s, peak)}
 
 
+# Carlini et al. (ICLR 2023): one batch of 32 noisy ImageNet images through the 552M-parameter guided-diffusion
+# UNet and BEiT-L takes 1.5 s on an A100, so 1,000 images at n = 10,000 are about 130 GPU-hours. The
+# projection charges a run's forward passes per image at that rate for that many images.
+A100_SECONDS_PER_FORWARD = 1.5 / 32
+PROJECTED_IMAGENET_IMAGES = 1_000
+
+
 def _accuracy(outcome: SamplingOutcome, work: BenchmarkImages, radii: Sequence[float] = REPORT_RADII) -> dict:
+    """Certified images at each radius, ACR, and what the run cost: forward passes (per image at each scale
+    too) and their projection to the ImageNet protocol on an A100 (same forward passes per image)."""
     table = results_table(work.image_ids, work.labels, outcome.result, np.asarray(work.config.sigmas))
+    per_image = outcome.forward_passes / len(work.images)
     return {
         "certified_accuracy": {f"{r:g}": certified_accuracy(table, r) for r in radii},
         # the unit of "within 1 image": certified accuracy × images
         "certified_images": {f"{r:g}": int(round(certified_accuracy(table, r) * table.num_rows)) for r in radii},
         "acr": average_certified_radius(table),
         "forward_passes": outcome.forward_passes,
+        "forward_passes_per_image_by_scale": ((outcome.select_counts.sum(axis=(0, 2)) +
+                                               outcome.estimate_counts.sum(axis=(0, 2))) / len(work.images)).tolist(),
+        "projected_a100_gpu_hours": per_image * PROJECTED_IMAGENET_IMAGES * A100_SECONDS_PER_FORWARD / 3600,
         "deciding_stage_counts": {str(s): int(np.sum(outcome.result.stage == s))
                                   for s in range(-1, len(work.config.sigmas))},
     }
@@ -325,7 +338,8 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: BenchmarkImages, radius
     if vote_cache is not None:
         source.save(vote_cache)  # with the chunks only adaptive runs drew
     return {
-        "images": count, "n_max": config.n, "n_select": config.n_select, "alpha": config.alpha,
+        "images": count, "n_max": config.n, "n_select": config.n_select, "adaptive_select": config.adaptive_select,
+        "alpha": config.alpha, "sigmas": list(config.sigmas),
         "radius_tolerance": radius_tolerance, "target_radii": list(target_radii),
         "fixed": {**_accuracy(fixed, work, radii), "wall_s": fixed_s, "wall_s_source": fixed_s_source},
         "adaptive": summary(general),

@@ -56,7 +56,9 @@ def round_ends(n_max: int, first_round: int = 64, growth: float = 1.2) -> np.nda
 def run_adaptive(source: VoteSource, num_images: int, config: CertifyConfig, first_round: int = 64,
                  growth: float = 1.2) -> SamplingOutcome:
     """Sample every image through the cascade in rounds (`round_ends`); every round is one
-    `source.votes` call covering all images still sampling, whatever scale each has reached."""
+    `source.votes` call covering all images still sampling, whatever scale each has reached. A stage's
+    selection votes (`config.selection_samples`, the first of the selection phase, whose noise is
+    independent of the estimation samples') are drawn with its first round."""
     num_scales, num_classes = len(config.sigmas), source.num_classes
     ends = round_ends(config.n, first_round, growth)
     select = np.zeros((num_images, num_scales, num_classes), dtype=np.int64)
@@ -74,7 +76,7 @@ def run_adaptive(source: VoteSource, num_images: int, config: CertifyConfig, fir
             VoteRequests(rows, target[rows], np.full(len(rows), int(Phase.ESTIMATE)),
                          np.where(drawn == 0, 0, ends[np.maximum(drawn - 1, 0)]), ends[drawn]),
             VoteRequests(fresh, target[fresh], np.full(len(fresh), int(Phase.SELECT)),
-                         np.zeros(len(fresh)), np.full(len(fresh), config.n_select)),
+                         np.zeros(len(fresh)), np.full(len(fresh), config.selection_samples)),
         ])
         votes = source.votes(requests)
         estimate[rows, target[rows]] += votes[: len(rows)]

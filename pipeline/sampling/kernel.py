@@ -53,16 +53,21 @@ class VoteRequests:
         return len(self.rows)
 
 
-def request_chunks(start: int, stop: int, total: int) -> range:
-    """Chunk indices covering samples [start, stop) of a phase with `total` samples."""
-    if not (0 <= start < stop <= total) or start % NOISE_CHUNK or (stop % NOISE_CHUNK and stop != total):
-        raise UserError(f"sample range [{start}, {stop}) of {total} does not align with noise chunks of {NOISE_CHUNK}")
-    return range(start // NOISE_CHUNK, -(-stop // NOISE_CHUNK))
+def request_pieces(start: int, stop: int, total: int) -> list[tuple[int, int, int]]:
+    """(chunk, first, end) for samples [start, stop) of a phase with `total` samples: the samples
+    [first, end) of each noise chunk the range touches. A range may start and stop inside a chunk (an
+    adaptive run's selection budget below n_select): the kernel still draws the
+    chunk's whole noise (its length is fixed by `total`) and uses the slice, so the votes of any range
+    are those samples' votes in a run that draws the whole phase."""
+    if not 0 <= start < stop <= total:
+        raise UserError(f"sample range [{start}, {stop}) is not inside the {total} samples of its phase")
+    return [(chunk, max(start - chunk * NOISE_CHUNK, 0), min(stop - chunk * NOISE_CHUNK, NOISE_CHUNK))
+            for chunk in range(start // NOISE_CHUNK, -(-stop // NOISE_CHUNK))]
 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """One noise chunk of one request: `length` samples of image `row` at scale `stage`."""
+    """Samples [first, end) of one noise chunk of `length` samples (image `row`, scale `stage`) for one request."""
 
     request: int
     row: int
@@ -70,6 +75,8 @@ class _Chunk:
     phase: Phase
     chunk: int
     length: int
+    first: int
+    end: int
 
 
 @dataclass(frozen=True)
@@ -140,13 +147,13 @@ class FusedDenoiseClassify(torch.nn.Module):
         return images.to(self.device)
 
     def _batches(self, chunks: list[_Chunk]) -> Iterator[list[_Piece]]:
-        """Cut the chunks' samples, in order, into batches of exactly `batch_size` (the last one shorter)."""
+        """Cut the chunks' requested samples, in order, into batches of exactly `batch_size` (the last one shorter)."""
         batch: list[_Piece] = []
         filled = 0
         for chunk in chunks:
-            start = 0
-            while start < chunk.length:
-                stop = min(chunk.length, start + self.batch_size - filled)
+            start = chunk.first
+            while start < chunk.end:
+                stop = min(chunk.end, start + self.batch_size - filled)
                 batch.append(_Piece(chunk, start, stop))
                 filled += stop - start
                 start = stop
@@ -189,8 +196,8 @@ class FusedDenoiseClassify(torch.nn.Module):
                 requests.rows, requests.stages, requests.phases, requests.starts, requests.stops)):
             phase = Phase(int(phase))
             lengths = chunk_lengths(int(totals[phase]))
-            chunks += [_Chunk(index, int(row), int(stage), phase, chunk, lengths[chunk])
-                       for chunk in request_chunks(int(start), int(stop), int(totals[phase]))]
+            chunks += [_Chunk(index, int(row), int(stage), phase, chunk, lengths[chunk], first, end)
+                       for chunk, first, end in request_pieces(int(start), int(stop), int(totals[phase]))]
         counts = torch.zeros(len(requests) * classes, dtype=torch.int64, device=device)
         shape = tuple(images.shape[1:])
         for batch in self._batches(chunks):

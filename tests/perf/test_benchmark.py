@@ -84,7 +84,13 @@ def test_benchmark_quick_writes_json_and_table(tmp_path: Path) -> None:
     assert report["ray"] == {"skipped": True}
     adaptive = report["adaptive"]
     for run in ("fixed", "adaptive"):  # --quick: 2 images, n_max 256; never more than every scale in full
-        assert 0 < adaptive[run]["forward_passes"] <= 2 * 3 * (16 + 256)
+        summary = adaptive[run]
+        assert 0 < summary["forward_passes"] <= 2 * 3 * (16 + 256)
+        by_scale = summary["forward_passes_per_image_by_scale"]
+        assert len(by_scale) == 3 and sum(by_scale) == pytest.approx(summary["forward_passes"] / 2)
+        # 1,000 ImageNet images at Carlini et al.'s 1.5 s per 32 forward passes on an A100
+        assert summary["projected_a100_gpu_hours"] == pytest.approx(sum(by_scale) * 1000 * 1.5 / 32 / 3600)
+    assert adaptive["fixed"]["forward_passes_per_image_by_scale"][0] == 16 + 256  # every image samples σ_1 in full
     assert set(adaptive["fixed"]["certified_accuracy"]) == {"0", "0.25", "0.5", "0.75", "1"}
     table = (tmp_path / "benchmark.md").read_text()
     assert table.startswith("| measurement | measured | target |") and table in result.stdout

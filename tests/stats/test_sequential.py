@@ -424,17 +424,46 @@ def test_vote_ranges_reproduce_the_fused_counts(tiny_fused) -> None:
     np.testing.assert_array_equal(cached.votes(pieces), votes)  # served from the cache the second time
 
 
+def test_ranges_inside_chunks_reproduce_the_fused_counts(tiny_fused, tmp_path) -> None:
+    """Ranges that start or stop inside a noise chunk (an adaptive selection budget below n_select) are
+    slices of the same noise: their votes add up to the whole phase's, fresh or cached,
+    and the parts survive a save and load of the cache."""
+    images = np.random.default_rng(2).random((1, 1, 16, 16), dtype=np.float32)
+    totals = {Phase.SELECT: 20, Phase.ESTIMATE: 100}
+    expected = tiny_fused.count(images, [4], [0.5], totals, seed=1)
+    source = FusedVoteSource(tiny_fused, images, [4], [0.5], totals, seed=1)
+    cuts = [(int(Phase.ESTIMATE), 0, 16), (int(Phase.ESTIMATE), 16, 70), (int(Phase.ESTIMATE), 70, 100),
+            (int(Phase.SELECT), 0, 8), (int(Phase.SELECT), 8, 20)]
+    phases, starts, stops = (np.array(column) for column in zip(*cuts))
+    pieces = VoteRequests(np.zeros(5), np.zeros(5), phases, starts, stops)
+    votes = source.votes(pieces)
+    np.testing.assert_array_equal(votes[:3].sum(axis=0), expected[Phase.ESTIMATE][0, 0])
+    np.testing.assert_array_equal(votes[3:].sum(axis=0), expected[Phase.SELECT][0, 0])
+    cached = CachedVoteSource(source)
+    np.testing.assert_array_equal(cached.votes(pieces), votes)
+    cached.save(tmp_path / "votes.npz")
+    reloaded = CachedVoteSource(source)
+    reloaded.load(tmp_path / "votes.npz")
+    assert reloaded.cache.keys() == cached.cache.keys()
+    np.testing.assert_array_equal(reloaded.votes(pieces), votes)
+
+
 def test_adaptive_votes_are_a_prefix_of_the_fixed_run(tiny_fused) -> None:
     images = np.random.default_rng(1).random((2, 1, 16, 16), dtype=np.float32)
     sigmas, n_max = (0.5, 0.25), 256
-    source = FusedVoteSource(tiny_fused, images, [0, 1], sigmas, {Phase.SELECT: 16, Phase.ESTIMATE: n_max}, 0)
-    config = CertifyConfig(sigmas=sigmas, n_select=16, n=n_max, alpha=0.2, strategy="adaptive")
+    source = FusedVoteSource(tiny_fused, images, [0, 1], sigmas, {Phase.SELECT: 40, Phase.ESTIMATE: n_max}, 0)
+    config = CertifyConfig(sigmas=sigmas, n_select=40, n=n_max, alpha=0.2, strategy="adaptive", adaptive_select=12)
     outcome = run_adaptive(source, 2, config, first_round=64)
     used = outcome.estimate_counts.sum(axis=2)
     rows, stages = np.nonzero(used)
     prefix = source.votes(VoteRequests(rows, stages, np.full(len(rows), int(Phase.ESTIMATE)),
                                        np.zeros(len(rows)), used[rows, stages]))
     np.testing.assert_array_equal(prefix, outcome.estimate_counts[rows, stages])
+    # selection: the first adaptive_select of the fixed run's n_select samples, for every consulted stage
+    np.testing.assert_array_equal(outcome.select_counts.sum(axis=2), np.where(used > 0, 12, 0))
+    selected = source.votes(VoteRequests(rows, stages, np.full(len(rows), int(Phase.SELECT)), np.zeros(len(rows)),
+                                         np.full(len(rows), 12)))
+    np.testing.assert_array_equal(selected, outcome.select_counts[rows, stages])
 
 
 def test_adaptive_actor_rows_reduce_to_the_same_certificates(tiny_fused, tmp_path) -> None:
