@@ -15,11 +15,13 @@ pytest_plugins = ["tests.s3_server"]  # s3_server / s3_url: one S3-protocol serv
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """Ray costs ~10 s to start on 2 cores, so every test shares this one local instance. Its workers
-    inherit the environment as it is now, so the S3 server's variables are set first."""
+    """Ray costs ~10 s to start on 2 cores, so every test shares this one local instance (on 127.0.0.1:
+    pytest_configure). Its workers inherit the environment as it is now, so the S3 server's variables are
+    set first."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:"), "Ray took a non-loopback address"
     import ray.data  # noqa: F401  its log handlers bind sys.stderr on import: the session's, not one test's capture
     yield ray
     ray.shutdown()
@@ -52,10 +54,16 @@ def is_xdist_controller(config) -> bool:
 
 
 def pytest_configure(config):
-    """One thread wherever tests run: the two xdist workers share the two cores, and a torch or OpenMP
-    pool sized to the machine spins against the other worker's (in-process models, and the jobs a test
-    starts, which inherit OMP_NUM_THREADS; small batches ran ~5× slower). Ray's actors already run one
-    thread each (num_cpus=1)."""
+    """Every Ray a test starts listens on 127.0.0.1 only, and one thread wherever tests run.
+
+    Ray: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (read when ray is imported; the processes the tests start
+    inherit it) Ray takes the loopback address as the node's, as it does on macOS and Windows, instead of the
+    machine's routable one: the session's local Ray, a job's own local Ray, `ray start --head`.
+
+    Threads: the two xdist workers share the two cores, and a torch or OpenMP pool sized to the machine
+    spins against the other worker's (in-process models, and the jobs a test starts, which inherit
+    OMP_NUM_THREADS; small batches ran ~5× slower). Ray's actors already run one thread each (num_cpus=1)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     if is_xdist_controller(config):
         return
     os.environ["OMP_NUM_THREADS"] = "1"

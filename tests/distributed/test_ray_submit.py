@@ -84,7 +84,8 @@ def stop_session(session_id: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
-    """A head with the dashboard (job server) on free ports; yields (job API address, client env)."""
+    """A head with the dashboard (job server) on free ports of 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+    tests/conftest.py, keeps Ray from replacing the loopback address); yields (job API address, client env)."""
     reason = job_server_missing()
     if reason:
         pytest.skip(reason)
@@ -100,7 +101,7 @@ def ray_head() -> Iterator[tuple[str, dict[str, str]]]:
     env.pop("RAY_ADDRESS", None)
     # A session of its own: the daemons `ray start` leaves running keep it, so its id names them all.
     head = subprocess.Popen(
-        [*RAY, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+        [*RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
          "--include-dashboard=true", f"--ray-client-server-port={client}",
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2",
