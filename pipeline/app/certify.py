@@ -134,8 +134,8 @@ def write_results(out: str, config: CertifyConfig, asked: np.ndarray, title: str
         "",
         *[f"- {line}" for line in notes],
         f"- images: {results.num_rows}; sigmas {list(config.sigmas)}; n_select={config.selection_samples}, "
-        f"n={'at most ' if config.strategy == 'adaptive' else ''}{config.n}; alpha={config.image_alpha:g} ({config.alpha_mode} mode); p0={config.p0}; "
-        f"sampling: {config.strategy}; routing: {config.routing}",
+        f"n={'at most ' if config.strategy == 'adaptive' else ''}{config.n}; alpha={config.image_alpha:g} "
+        f"({config.alpha_mode} mode); p0={config.p0}; sampling: {config.strategy}; routing: {config.routing}",
         *([f"- target-radius run: each image was only asked whether it is certified at radius "
            f"{', '.join(f'{r:g}' for r in config.target_radii)}; its radius is the largest of these proven "
            f"(images with none abstain), so certified accuracy is meaningful at these radii only"]

@@ -340,6 +340,7 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: BenchmarkImages, radius
     return {
         "images": count, "n_max": config.n, "n_select": config.n_select, "adaptive_select": config.adaptive_select,
         "alpha": config.alpha, "sigmas": list(config.sigmas),
+        "projection": {"images": PROJECTED_IMAGENET_IMAGES, "a100_seconds_per_forward": A100_SECONDS_PER_FORWARD},
         "radius_tolerance": radius_tolerance, "target_radii": list(target_radii),
         "fixed": {**_accuracy(fixed, work, radii), "wall_s": fixed_s, "wall_s_source": fixed_s_source},
         "adaptive": summary(general),

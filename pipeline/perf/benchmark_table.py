@@ -156,25 +156,27 @@ def _images(fixed: dict, run: dict, radius: str) -> str:
     return f"{before} → {after} ({after - before:+d})"
 
 
-def _cost_row(name: str, run: dict, sigmas: list[float]) -> str:
-    """Forward passes per image at each scale, and the projected A100 GPU-hours of 1,000 ImageNet images."""
+def _cost_row(name: str, run: dict, adaptive: dict) -> str:
+    """Forward passes per image at each scale, and the projected A100 GPU-hours of the ImageNet protocol."""
+    sigmas, projection = adaptive["sigmas"], adaptive["projection"]
     by_scale = " / ".join(f"{passes:,.1f}" for passes in run["forward_passes_per_image_by_scale"])
     return (f"| {name}: forward passes per image at σ = {' / '.join(f'{s:g}' for s in sigmas)}; projected A100 "
-            f"GPU-hours for 1,000 ImageNet images at 1.5 s per 32 (Carlini et al.) | {by_scale}; "
+            f"GPU-hours for {projection['images']:,} ImageNet images at "
+            f"{32 * projection['a100_seconds_per_forward']:g} s per 32 (Carlini et al.) | {by_scale}; "
             f"{run['projected_a100_gpu_hours']:,.1f} h | |")
 
 
 def _adaptive_rows(adaptive: dict) -> list[str]:
     """Forward passes as "× fewer than fixed n" and certified images out of `images`, next to the targets;
     each run's forward passes per image at each scale and their projected GPU-hours."""
-    fixed, general, images, sigmas = adaptive["fixed"], adaptive["adaptive"], adaptive["images"], adaptive["sigmas"]
+    fixed, general, images = adaptive["fixed"], adaptive["adaptive"], adaptive["images"]
     within = f"within {TARGETS['accuracy_images']} image"
     rows = [f"| fixed n={adaptive['n_max']} (Clopper-Pearson, early exit), {images} images: forward passes; wall time "
             f"({fixed['wall_s_source']}) | {fixed['forward_passes']:,}; {fixed['wall_s']:.0f} s | |",
             f"| general adaptive (radius tolerance {adaptive['radius_tolerance']:g}): forward passes "
             f"({general['forward_passes']:,}); wall time (estimated) {general['wall_s_estimated']:.0f} s | "
             f"{_times_fewer(general)} fewer | ≥ {TARGETS['adaptive_times_fewer']:g}× |",
-            _cost_row(f"fixed n={adaptive['n_max']}", fixed, sigmas), _cost_row("general adaptive", general, sigmas)]
+            _cost_row(f"fixed n={adaptive['n_max']}", fixed, adaptive), _cost_row("general adaptive", general, adaptive)]
     for radius in fixed["certified_images"]:
         if float(radius) <= 0.75:
             rows.append(f"| general adaptive: certified images at r={radius} (fixed → adaptive) | "
@@ -186,7 +188,7 @@ def _adaptive_rows(adaptive: dict) -> list[str]:
                   else f"≥ {TARGETS['target_radii_times_fewer']:g}×" if radii == ["0.25", "0.5", "0.75"] else "")
         rows.append(f"| --target-radius {' '.join(radii)}: forward passes ({run['forward_passes']:,}); wall time "
                     f"(estimated) {run['wall_s_estimated']:.0f} s | {_times_fewer(run)} fewer | {target} |")
-        rows.append(_cost_row(f"--target-radius {' '.join(radii)}", run, sigmas))
+        rows.append(_cost_row(f"--target-radius {' '.join(radii)}", run, adaptive))
         for radius in radii:
             rows.append(f"| --target-radius {' '.join(radii)}: certified images at r={radius} (fixed → target) | "
                         f"{_images(fixed, run, radius)} | {within if target else ''} |")

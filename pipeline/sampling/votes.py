@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.sampling.kernel import FusedDenoiseClassify, VoteRequests, request_pieces
-from pipeline.sampling.noise import NOISE_CHUNK, Phase
+from pipeline.sampling.noise import NOISE_CHUNK, Phase, chunk_lengths
 
 
 class VoteSource(Protocol):
@@ -53,57 +53,45 @@ class FusedVoteSource:
 
 
 class CachedVoteSource:
-    """Remembers the votes of every chunk (or part of a chunk) it has served, so that two strategies
-    compared on the same images (fixed n and adaptive) pay for each once; the votes are identical
-    either way. A whole chunk is keyed (row, stage, phase, chunk), a part of one (a sub-chunk range,
-    `request_pieces`) (row, stage, phase, chunk, first, end)."""
+    """Remembers the votes of every piece of a noise chunk it has served, so that two strategies compared
+    on the same images (fixed n and adaptive) pay for each once; the votes are identical either way.
+    A piece is keyed (row, stage, phase, chunk, first, end): samples [first, end) of that chunk
+    (`request_pieces`; a whole chunk is [0, its length))."""
 
     def __init__(self, inner: FusedVoteSource):
         self.inner = inner
         self.num_classes = inner.num_classes
-        self.cache: dict[tuple[int, ...], np.ndarray] = {}
+        self.cache: dict[tuple[int, int, int, int, int, int], np.ndarray] = {}
 
     def votes(self, requests: VoteRequests) -> np.ndarray:
-        keys_per_request = []
-        for row, stage, phase, start, stop in zip(requests.rows, requests.stages, requests.phases,
-                                                  requests.starts, requests.stops):
-            total = self.inner.totals[Phase(int(phase))]
-            keys = []
-            for chunk, first, end in request_pieces(int(start), int(stop), total):
-                whole = first == 0 and end == min(NOISE_CHUNK, total - chunk * NOISE_CHUNK)
-                address = (int(row), int(stage), int(phase), chunk)
-                keys.append(address if whole else (*address, first, end))
-            keys_per_request.append(keys)
+        keys_per_request = [
+            [(int(row), int(stage), int(phase), *piece)
+             for piece in request_pieces(int(start), int(stop), self.inner.totals[Phase(int(phase))])]
+            for row, stage, phase, start, stop in zip(requests.rows, requests.stages, requests.phases,
+                                                      requests.starts, requests.stops)]
         missing = sorted({key for keys in keys_per_request for key in keys} - self.cache.keys())
         if missing:
-            totals = [self.inner.totals[Phase(key[2])] for key in missing]
-            bounds = [key[4:] if len(key) == 6 else (0, min(NOISE_CHUNK, total - key[3] * NOISE_CHUNK))
-                      for key, total in zip(missing, totals)]
-            chunk_requests = VoteRequests(
-                rows=np.array([k[0] for k in missing]), stages=np.array([k[1] for k in missing]),
-                phases=np.array([k[2] for k in missing]),
-                starts=np.array([k[3] * NOISE_CHUNK + first for k, (first, _) in zip(missing, bounds)]),
-                stops=np.array([k[3] * NOISE_CHUNK + end for k, (_, end) in zip(missing, bounds)]),
-            )
-            self.cache.update(zip(missing, self.inner.votes(chunk_requests)))
+            rows, stages, phases, chunks, firsts, ends = (np.array(column) for column in zip(*missing))
+            offsets = chunks * NOISE_CHUNK
+            self.cache.update(zip(missing, self.inner.votes(VoteRequests(rows, stages, phases, offsets + firsts,
+                                                                         offsets + ends))))
         return np.array([np.sum([self.cache[key] for key in keys], axis=0) for keys in keys_per_request],
                         dtype=np.int64).reshape(len(requests), self.num_classes)
 
     def save(self, path: str | Path) -> None:
-        """Write every cached chunk's votes to an .npz file (keys (N, 4): row, stage, phase, chunk; parts of
-        chunks under piece_keys (N, 6): the same and first, end)."""
-        keys = sorted(k for k in self.cache if len(k) == 4)
-        pieces = sorted(k for k in self.cache if len(k) == 6)
-        np.savez(path, keys=np.array(keys, np.int64).reshape(-1, 4),
-                 votes=np.array([self.cache[k] for k in keys], np.int64).reshape(-1, self.num_classes),
-                 piece_keys=np.array(pieces, np.int64).reshape(-1, 6),
-                 piece_votes=np.array([self.cache[k] for k in pieces], np.int64).reshape(-1, self.num_classes))
+        """Write every cached piece's votes to an .npz file (keys (N, 6): row, stage, phase, chunk, first, end)."""
+        keys = sorted(self.cache)
+        np.savez(path, keys=np.array(keys, np.int64).reshape(-1, 6),
+                 votes=np.array([self.cache[k] for k in keys], np.int64).reshape(-1, self.num_classes))
 
     def load(self, path: str | Path) -> None:
-        """Add the chunks of a file written by `save`. Votes are a pure function of the models, the seed
-        and the chunk's address, so a file from a run with the same models, images, sigmas, seed and
-        phase totals serves exactly the votes the kernel would compute (the caller checks those match)."""
+        """Add the pieces of a file written by `save`. Votes are a pure function of the models, the seed
+        and the piece's address, so a file from a run with the same models, images, sigmas, seed and
+        phase totals serves exactly the votes the kernel would compute (the caller checks those match).
+        Files from before pieces hold whole chunks keyed (row, stage, phase, chunk)."""
         with np.load(path) as data:
-            self.cache.update(zip(map(tuple, data["keys"].tolist()), data["votes"]))
-            if "piece_keys" in data:
-                self.cache.update(zip(map(tuple, data["piece_keys"].tolist()), data["piece_votes"]))
+            keys = data["keys"].tolist()
+            if data["keys"].shape[1] == 4:
+                lengths = {phase: chunk_lengths(total) for phase, total in self.inner.totals.items()}
+                keys = [(*key, 0, lengths[Phase(key[2])][key[3]]) for key in keys]
+            self.cache.update(zip(map(tuple, keys), data["votes"]))
