@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-throughput", action="store_true",
                         help="skip fused vs reference, early exit, FLOPs and Ray (run adaptive vs fixed n only)")
     parser.add_argument("--adaptive-images", type=int, default=100, help="images for adaptive vs fixed n")
+    parser.add_argument("--adaptive-first-image", type=int, default=0, metavar="K",
+                        help="adaptive vs fixed n on the digits test images K, K+1, … (default 0: the images "
+                             "the rules were tuned on; 100 holds out a second set)")
     parser.add_argument("--n-max", type=int, default=10_000, help="n of the fixed run = n_max of the adaptive run")
     parser.add_argument("--radius-tolerance", type=float, default=CONFIG_DEFAULTS["radius_tolerance"],
                         help="adaptive: stop once the radius is within this of what n_max would give "
@@ -187,19 +190,23 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
         raise UserError("the benchmark runs on --preset digits; for ImageNet-size models use --gpu-check")
     preset = get_preset(args.preset)
     split = load_digits_split()
+    ids = np.arange(args.adaptive_first_image, args.adaptive_first_image + args.adaptive_images)
+    if not args.skip_adaptive and ids[-1] >= len(split.test_labels):
+        raise UserError(f"--adaptive-first-image {args.adaptive_first_image} + --adaptive-images "
+                        f"{args.adaptive_images} goes past the {len(split.test_labels)} digits test images")
     denoiser, classifier, spec = digits_models(args, workdir)
     batch_size = args.batch_size or preset.batch_size
     fused = FusedDenoiseClassify(denoiser, classifier, preset.num_classes, device=device, batch_size=batch_size,
                                  precision=args.precision)
-    count = max(args.num_images, args.adaptive_images if not args.skip_adaptive else 0)
     # The published cascade routing (not the CLI's continue default): what the targets were set on.
     config = CertifyConfig(preset.sigmas, n_select=args.n_select or preset.n_select, n=args.n, alpha=preset.alpha,
                            routing="cascade", seed=args.seed)
-    everything = BenchmarkImages(split.test_images[:count], np.arange(count), split.test_labels[:count], config)
+    count = args.num_images  # the throughput sections' images: the first ones
+    first_images = BenchmarkImages(split.test_images[:count], np.arange(count), split.test_labels[:count], config)
     report: dict = {"machine": machine_info(device), "settings": vars(args), "preset": preset.name,
                     "denoiser": spec.denoiser}
     if args.ray_efficiency:
-        work = everything.subset(args.num_images)
+        work = first_images
         print(f"[benchmark] raw fused step vs Ray Data: {work.all_scales_samples} samples each", flush=True)
         raw_counts, raw_s = raw_fused(fused, work)
         report["ray"] = ray_pipeline(spec, work, fused.batch_size, fused.device.type == "cuda", raw_counts,
@@ -207,13 +214,14 @@ def run_benchmark(args: argparse.Namespace, device: torch.device, workdir: Path)
         report["machine"]["load_average_at_end"] = list(os.getloadavg())
         return report
     if not args.skip_throughput:
-        report.update(throughput_sections(args, fused, spec, everything.subset(args.num_images), workdir))
+        report.update(throughput_sections(args, fused, spec, first_images, workdir))
     if args.skip_adaptive:
         report["adaptive"] = {"skipped": True}
     else:
-        chosen = everything.subset(args.adaptive_images)
+        chosen = BenchmarkImages(split.test_images[ids], ids, split.test_labels[ids], config)
         adaptive_work = replace(chosen, config=chosen.config.replace(n=args.n_max))
-        print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images", flush=True)
+        print(f"[benchmark] adaptive vs fixed n={args.n_max} on {args.adaptive_images} images from test image "
+              f"{args.adaptive_first_image}", flush=True)
         with local_vote_cache(args.vote_cache, workdir) as vote_cache:
             report["adaptive"] = adaptive_vs_fixed(fused, adaptive_work, args.radius_tolerance,
                                                    args.tolerance_sweep, args.target_radius, vote_cache)
@@ -278,6 +286,8 @@ def settle_arguments(args: argparse.Namespace) -> None:
     for name in ("num_images", "n", "adaptive_images", "n_max", "repeats", "reduce_images"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.adaptive_first_image < 0:
+        raise UserError("--adaptive-first-image must be >= 0")
     try:
         args.driver_images = tuple(int(size) for size in str(args.driver_images).split(","))
     except ValueError:

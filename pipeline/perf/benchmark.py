@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from scipy.special import ndtr, ndtri
 
 from pipeline.config import CertifyConfig
 from pipeline.errors import UserError
@@ -35,6 +36,8 @@ from pipeline.sampling.noise import Phase
 from pipeline.sampling.strategies import BatchCounts, make_strategy, run_fixed, sample_totals
 from pipeline.sampling.votes import CachedVoteSource, FusedVoteSource
 from pipeline.stats.cascade import certify_cascade
+from pipeline.stats.sample_complexity import fewest_expected_votes
+from pipeline.stats.sequential_cascade import sequential_level
 from pipeline.store.metrics import REPORT_RADII, average_certified_radius, certified_accuracy
 from pipeline.store.results import results_table
 
@@ -278,6 +281,42 @@ def _run_summary(outcome: SamplingOutcome, work: BenchmarkImages, radii: Sequenc
             "estimation_samples": outcome.estimate_counts.sum(axis=2).tolist()}
 
 
+GENERAL_MODE_RADII = (0.0, 0.25, 0.5, 0.75)
+"""The radii at which the general adaptive mode is held to fixed n's certified images (issue 25)."""
+
+
+def fewest_forward_passes(fixed: SamplingOutcome, work: BenchmarkImages, radii: Sequence[float]) -> dict:
+    """What limits an adaptive row, from the fixed run's votes: the fewest forward passes any valid sequential
+    procedure at the adaptive run's per-interval level (alpha / (2K − 1)) could spend in expectation while
+    certifying, at every radius in `radii` (0: any certificate), all but one of the images fixed n certifies
+    correctly there (pipeline/stats/sample_complexity.py: the image with the largest bound is left out).
+
+    Each image pays the selection samples an adaptive run draws at its first scale and, where it must be
+    certified, the votes that prove its largest such radius at the scale fixed n certified it at, were its
+    vote rate there the fixed run's estimate (n votes: near a threshold the estimate's own error moves the
+    bound by tens of percent; the caps of earlier scales are ignored, which only lowers the bound)."""
+    config = work.config.replace(strategy="adaptive")
+    result, rows = fixed.result, np.arange(len(work.images))
+    stage = np.maximum(result.stage, 0)
+    chosen = np.maximum(result.prediction, 0)
+    counts = fixed.estimate_counts[rows, stage]
+    rate = counts[rows, chosen] / np.maximum(counts.sum(axis=1), 1)
+    sigma = np.asarray(config.sigmas)[stage]
+    correct = (result.prediction >= 0) & (result.prediction == work.labels)
+    level = sequential_level(len(config.sigmas), config.alpha)
+    votes = np.zeros(len(rows))
+    for radius in radii:
+        needed = correct & (result.radius >= radius if radius > 0 else result.radius > 0)
+        threshold = np.where(needed, ndtr(radius / sigma + ndtri(config.p0)), 0.5)
+        proof = fewest_expected_votes(np.where(needed, rate, 1.0), threshold, level)
+        votes = np.where(needed, np.maximum(votes, proof), votes)
+    left_out = int(np.argmax(votes))
+    votes[left_out] = 0.0
+    passes = config.selection_samples * len(rows) + votes.sum()
+    return {"forward_passes": passes, "times_fewer_at_most": fixed.forward_passes / passes,
+            "left_out_image": int(work.image_ids[left_out]), "level": level}
+
+
 def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, device: torch.device,
                  vote_cache: Path | None) -> tuple[SamplingOutcome, float, str]:
     """The fixed-n run (the baseline every adaptive run shares its votes with) and its wall time.
@@ -289,6 +328,8 @@ def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, device: torch.
     config = work.config
     settings = {"images": len(work.images), "sigmas": list(config.sigmas), "n_select": config.n_select, "n": config.n,
                 "seed": config.seed, "alpha": config.alpha}
+    if work.image_ids[0] != 0:  # files of the first images, written before there was a choice, stay readable
+        settings["first_image"] = int(work.image_ids[0])
     record = vote_cache.with_name(vote_cache.name + ".json") if vote_cache is not None else None
     if record is not None and record.is_file():
         stored = json.loads(record.read_text())
@@ -331,20 +372,25 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: BenchmarkImages, radius
         targets[",".join(f"{r:g}" for r in target_radii)] = adaptive(target_radii=tuple(target_radii))
     radii = sorted({*REPORT_RADII, *target_radii})
 
-    def summary(outcome: SamplingOutcome) -> dict:
-        return _run_summary(outcome, work, radii, fixed.forward_passes, per_forward_s)
+    def summary(outcome: SamplingOutcome, proven: Sequence[float] | None = None) -> dict:
+        report = _run_summary(outcome, work, radii, fixed.forward_passes, per_forward_s)
+        if proven is not None:
+            report["fewest_forward_passes"] = fewest_forward_passes(fixed, work, proven)
+        return report
 
     sweep = {f"{t:g}": summary(adaptive(radius_tolerance=t)) for t in tolerance_sweep}
     if vote_cache is not None:
         source.save(vote_cache)  # with the chunks only adaptive runs drew
     return {
-        "images": count, "n_max": config.n, "n_select": config.n_select, "adaptive_select": config.adaptive_select,
+        "images": count, "first_image": int(work.image_ids[0]), "n_max": config.n, "n_select": config.n_select,
+        "adaptive_select": config.adaptive_select,
         "alpha": config.alpha, "sigmas": list(config.sigmas),
         "projection": {"images": PROJECTED_IMAGENET_IMAGES, "a100_seconds_per_forward": A100_SECONDS_PER_FORWARD},
         "radius_tolerance": radius_tolerance, "target_radii": list(target_radii),
         "fixed": {**_accuracy(fixed, work, radii), "wall_s": fixed_s, "wall_s_source": fixed_s_source},
-        "adaptive": summary(general),
-        "target_radius": {name: summary(outcome) for name, outcome in targets.items()},
+        "adaptive": summary(general, GENERAL_MODE_RADII),
+        "target_radius": {name: summary(outcome, [float(r) for r in name.split(",")])
+                          for name, outcome in targets.items()},
         "forward_passes_saved": 1.0 - general.forward_passes / fixed.forward_passes,
         "tolerance_sweep": sweep,
         "per_image": {"image_id": work.image_ids.tolist(), "label": work.labels.tolist(),

@@ -166,17 +166,29 @@ def _cost_row(name: str, run: dict, adaptive: dict) -> str:
             f"{run['projected_a100_gpu_hours']:,.1f} h | |")
 
 
+def _bound_row(name: str, run: dict) -> str:
+    """What limits the row: the fewest forward passes any valid sequential test could spend
+    (pipeline/perf/benchmark.py, `fewest_forward_passes`)."""
+    bound = run["fewest_forward_passes"]
+    return (f"| {name}: fewest forward passes any valid sequential test at level {bound['level']:.2g} could spend, "
+            f"certifying all but one of fixed n's images (Wald's bound at fixed n's vote rates; image "
+            f"{bound['left_out_image']} left out) | {bound['forward_passes']:,.0f}: at most "
+            f"{bound['times_fewer_at_most']:.1f}× fewer | |")
+
+
 def _adaptive_rows(adaptive: dict) -> list[str]:
     """Forward passes as "× fewer than fixed n" and certified images out of `images`, next to the targets;
     each run's forward passes per image at each scale and their projected GPU-hours."""
     fixed, general, images = adaptive["fixed"], adaptive["adaptive"], adaptive["images"]
     within = f"within {TARGETS['accuracy_images']} image"
-    rows = [f"| fixed n={adaptive['n_max']} (Clopper-Pearson, early exit), {images} images: forward passes; wall time "
+    first = adaptive.get("first_image", 0)
+    chosen = f"{images} images" + (f" from test image {first}" if first else "")
+    rows = [f"| fixed n={adaptive['n_max']} (Clopper-Pearson, early exit), {chosen}: forward passes; wall time "
             f"({fixed['wall_s_source']}) | {fixed['forward_passes']:,}; {fixed['wall_s']:.0f} s | |",
             f"| general adaptive (radius tolerance {adaptive['radius_tolerance']:g}): forward passes "
             f"({general['forward_passes']:,}); wall time (estimated) {general['wall_s_estimated']:.0f} s | "
             f"{_times_fewer(general)} fewer | ≥ {TARGETS['adaptive_times_fewer']:g}× |",
-            _cost_row(f"fixed n={adaptive['n_max']}", fixed, adaptive), _cost_row("general adaptive", general, adaptive)]
+            _bound_row("general adaptive", general), _cost_row(f"fixed n={adaptive['n_max']}", fixed, adaptive), _cost_row("general adaptive", general, adaptive)]
     for radius in fixed["certified_images"]:
         if float(radius) <= 0.75:
             rows.append(f"| general adaptive: certified images at r={radius} (fixed → adaptive) | "
@@ -188,6 +200,7 @@ def _adaptive_rows(adaptive: dict) -> list[str]:
                   else f"≥ {TARGETS['target_radii_times_fewer']:g}×" if radii == ["0.25", "0.5", "0.75"] else "")
         rows.append(f"| --target-radius {' '.join(radii)}: forward passes ({run['forward_passes']:,}); wall time "
                     f"(estimated) {run['wall_s_estimated']:.0f} s | {_times_fewer(run)} fewer | {target} |")
+        rows.append(_bound_row(f"--target-radius {' '.join(radii)}", run))
         rows.append(_cost_row(f"--target-radius {' '.join(radii)}", run, adaptive))
         for radius in radii:
             rows.append(f"| --target-radius {' '.join(radii)}: certified images at r={radius} (fixed → target) | "

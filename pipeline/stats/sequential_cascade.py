@@ -16,14 +16,19 @@ class ĉ and the capped radius r_t (own bound, then the caps of the earlier stag
                   "is this image certified at R?"): every R is settled — proven (r_t ≥ R) or out of
                   reach. Within reach means: the capped radius at n_max is > 0 (≥ R), were every
                   stage's remaining votes to come at its current rates moved FUTILITY_STANDARD_ERRORS
-                  (one) standard error in the certificate's favour — ĉ's rate up, and every other
+                  (1.5) standard errors in the certificate's favour — ĉ's rate up, and every other
                   class's rate at each earlier stage (its cap) down;
 - or the stage it would sample next has reached n_max.
-An uncertified stage keeps sampling while falling through is still within reach (ĉ's rate moved one
-standard error down), in every routing: cascade needs it (undecided abstains, so the only way on is
-p̄ < p0), and continue and best thereby sample exactly what cascade samples until cascade stops.
+An uncertified stage keeps sampling while falling through is still within reach (ĉ's rate moved the
+same standard errors down), in every routing: cascade needs it (undecided abstains, so the only way
+on is p̄ < p0), and continue and best thereby sample exactly what cascade samples until cascade stops.
+Unless falling through leads nowhere: were the image to fall through, every later certificate is
+capped by this stage's classes (for whichever ĉ the later stage selects, the runner-up's upper bound
+here), so when that cap, with the same allowance, stays below R (or 0 in general mode), the image
+stops here instead of sampling on to fall through, and one that falls through stops instead of
+moving on (except in best routing, which samples every scale).
 An image whose radius is limited by an earlier stage's cap samples that stage further (the binding
-term of r_t decides which stage a round goes to), with the one-standard-error allowance above
+term of r_t decides which stage a round goes to), with the standard-error allowance above
 deciding when that cap is out of reach: a stage that fell through after a round or two has a cap
 from a few dozen votes, and projecting it at its current rates would give up on certificates that
 more votes there reach.
@@ -99,21 +104,24 @@ def _votes_at(votes: np.ndarray, trials: np.ndarray, n_max: int, standard_errors
     return votes + np.clip(shifted, 0.0, 1.0) * (n_max - trials)
 
 
-def _cap_terms(estimate: np.ndarray, selected: np.ndarray, sigmas: np.ndarray, level: float, p0: float,
+def _cap_terms(estimate: np.ndarray, selected: np.ndarray | None, sigmas: np.ndarray, level: float, p0: float,
                n_max: int | None = None, standard_errors: float = 0.0) -> np.ndarray:
     """(M, j) caps sigma_j (Φ⁻¹(p0) − Φ⁻¹(q̄_j)) of the earlier stages (estimate is (M, j, C)).
 
     With `n_max`, the cap those stages would give after n_max samples each (`_votes_at`: the remaining
     votes of every class at its current rate moved by `standard_errors` standard errors; a negative
-    value moves the other classes down, the cap up): used to judge whether sampling them pays."""
-    terms = np.empty((len(selected), estimate.shape[1]))
+    value moves the other classes down, the cap up): used to judge whether sampling them pays.
+    `selected` None stands for a class not selected yet (a later stage's ĉ): the largest cap any choice
+    gives, the one without the class of the highest upper bound."""
+    terms = np.empty((len(estimate), estimate.shape[1]))
     for j in range(estimate.shape[1]):
         votes = estimate[:, j].astype(np.float64)
         trials = votes.sum(axis=1, keepdims=True)
         if n_max is not None:
             votes, trials = _votes_at(votes, trials, n_max, standard_errors), np.full_like(trials, n_max)
         uppers = sequence_upper(votes, trials, level / votes.shape[1])
-        uppers[np.arange(len(selected)), selected] = -np.inf
+        excluded = uppers.argmax(axis=1) if selected is None else selected
+        uppers[np.arange(len(uppers)), excluded] = -np.inf
         terms[:, j] = sigmas[j] * (ndtri(p0) - ndtri(uppers.max(axis=1)))
     return terms
 
@@ -226,16 +234,20 @@ def certify_cascade_sequential(
 
 CONTINUE, DONE, NEXT = 0, 1, 2
 
-FUTILITY_STANDARD_ERRORS = 1.0
+FUTILITY_STANDARD_ERRORS = 1.5
 """Futility (giving up on a certificate or a radius that n_max would not reach) assumes the remaining
 votes come at the current rates moved this many standard errors in the certificate's favour: ĉ's
 rate up, the other classes' rates at the earlier stages (the caps) down; the test whether a stage
 can still fall through moves ĉ's rate down. It decides only when sampling stops, so it costs power,
 never validity. Why not p̄_t: an image whose radius at n_max would land just below R (those near R
 are the costly ones) would then sample to n_max in vain, since p̄_t at level alpha/T stays far above
-the rate for thousands of samples; one standard error gives up on it once the votes make that
-unlikely (first 10 digits test images, target radius 0.5: 7.8× fewer forward passes than fixed
-n = 10,000 with p̄_t, 25× with one standard error, same certificates)."""
+the rate for thousands of samples (first 10 digits test images, target radius 0.5: 7.8× fewer forward
+passes than fixed n = 10,000 with p̄_t, 25× with one standard error, same certificates). Why 1.5 and
+not 1: the check runs after every round, so an image whose rate is just above what R needs is given up
+whenever one look falls a standard error short (a 16 % chance per look); with one standard error two
+images per target radius were lost against fixed n on the first 100 digits test images, and with 1.5
+one (also on the 100 held-out images after them, at R = 0.25 and 0.5), for 8–45 % more forward passes
+(docs/adaptive.md)."""
 
 
 def _radii_at_n_max(now: _Stage, earlier: np.ndarray, sigmas: np.ndarray, stage: int, level: float, p0: float,
@@ -259,6 +271,22 @@ def _radii_at_n_max(now: _Stage, earlier: np.ndarray, sigmas: np.ndarray, stage:
     return np.minimum(own, caps), np.minimum(best_own, best_caps)
 
 
+def _reach_below(estimate: np.ndarray, sigmas: np.ndarray, stage: int, level: float, p0: float,
+                 n_max: int) -> np.ndarray:
+    """The largest radius a later stage could still certify were the image to fall through from `stage`
+    (estimate is (M, K, C)): every vote for its ĉ at σ_{stage+1}, the largest scale below, capped by
+    stages 0..stage for the ĉ with the largest caps, every class's rate moved FUTILITY_STANDARD_ERRORS
+    standard errors in the certificate's favour (−inf at the last stage). Why: an image whose classes
+    are split (ĉ near p0 and a runner-up close behind) may fall through, but the runner-up's upper
+    bound here caps every later certificate near 0; sampling on to learn whether it falls through then
+    buys nothing."""
+    if stage == len(sigmas) - 1:
+        return np.full(len(estimate), -np.inf)
+    own = _radius(sigmas[stage + 1], sequence_lower(n_max, n_max, level), p0)
+    caps = _cap_terms(estimate[:, :stage + 1], None, sigmas, level, p0, n_max, -FUTILITY_STANDARD_ERRORS)
+    return np.minimum(own, caps.min(axis=1))
+
+
 def round_status(
     select: np.ndarray, estimate: np.ndarray, stage: int, config: CertifyConfig
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -280,24 +308,29 @@ def round_status(
     binding = now.terms.argmin(axis=1)  # 0 = this stage's own bound, j + 1 = the cap of stage j
     sample = np.where(binding > 0, binding - 1, stage)
     exhausted = estimate[np.arange(len(sample)), sample].sum(axis=1) >= n_max
+    below = _reach_below(estimate, sigmas, stage, level, p0, n_max)
     if config.target_radii:
         targets = np.asarray(config.target_radii)
         proven = now.radius[:, None] >= targets
         certified = proven.any(axis=1)
         finished = np.all(proven | (optimistic[:, None] < targets), axis=1)
+        nothing_below = below < targets.min()
     else:
         certified = now.radius > 0
         finished = np.where(certified, now.radius >= projected - config.radius_tolerance, optimistic <= 0)
+        nothing_below = below <= 0
     falls_through = now.upper < p0
     can_fall = sequence_upper(_votes_at(now.votes, now.trials, n_max, -FUTILITY_STANDARD_ERRORS), n_max,
                               level) < p0
-    finished &= certified | ~can_fall
+    finished &= certified | ~can_fall | nothing_below
     finished |= exhausted
     if routing == "cascade":
         on_finish = np.full(len(sample), DONE)
     elif routing == "continue":
-        on_finish = np.where(certified, DONE, NEXT)
+        on_finish = np.where(certified | nothing_below, DONE, NEXT)
     else:
         on_finish = np.full(len(sample), NEXT)
-    status = np.where(falls_through, NEXT, np.where(finished, on_finish, CONTINUE))
+    # Falling through leads nowhere when no later scale can reach a certificate (best must still sample them).
+    moves_on = np.where(nothing_below & (routing != "best"), DONE, NEXT)
+    status = np.where(falls_through, moves_on, np.where(finished, on_finish, CONTINUE))
     return status, sample

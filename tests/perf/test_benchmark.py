@@ -92,19 +92,30 @@ def test_benchmark_quick_writes_json_and_table(tmp_path: Path) -> None:
         assert summary["projected_a100_gpu_hours"] == pytest.approx(sum(by_scale) * 1000 * 1.5 / 32 / 3600)
     assert adaptive["fixed"]["forward_passes_per_image_by_scale"][0] == 16 + 256  # every image samples σ_1 in full
     assert set(adaptive["fixed"]["certified_accuracy"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    for run in (adaptive["adaptive"], *adaptive["target_radius"].values()):  # what limits each row
+        assert run["fewest_forward_passes"]["forward_passes"] >= 2 * 16  # at least the selection samples
     table = (tmp_path / "benchmark.md").read_text()
+    assert "fewest forward passes any valid sequential test" in table
     assert table.startswith("| measurement | measured | target |") and table in result.stdout
 
 
-def test_benchmark_rejects_other_presets(tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("arguments", [
+    ["--preset", "imagenet"],
+    ["--skip-throughput", "--adaptive-first-image", "400", "--adaptive-images", "51"],
+], ids=["other preset", "adaptive images past the test set"])
+def test_benchmark_rejects_bad_settings_before_any_section(arguments: list[str], tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:
     spec = importlib.util.spec_from_file_location("benchmark_job", REPO / "jobs" / "benchmark.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
-    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--preset", "imagenet", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", *arguments, "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
         run_main(job.main)
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "benchmark.json").exists()
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and not (tmp_path / "benchmark.json").exists()
+    if "--adaptive-first-image" in arguments:
+        assert "450 digits test images" in error
 
 
 def test_reference_loop_counts_follow_the_same_distribution(denoiser) -> None:

@@ -227,6 +227,27 @@ def test_target_radius_claims_at_most_alpha_below_the_true_radius(distance: floa
         assert peeking.mean() > ALPHA + tolerance(trials)
 
 
+def test_target_radius_stops_where_no_later_scale_can_reach_it() -> None:
+    """Sigma 0.5 splits its votes (A 0.40, B 0.35, C 0.25): it falls through after a few hundred votes, and B's
+    upper bound there caps every later certificate near 0.17 (a later ĉ = A has B as its runner-up; a later
+    ĉ = B has A). With R = 0.5 no later scale can reach R: the image stops after its first round and never
+    samples sigma 0.25, even where 16 selection votes chose B or C, which fall through at once. With R = 0.05
+    it samples on, falls through and is certified at sigma 0.25 (every vote there for A)."""
+    trials = 100
+    probabilities = np.zeros((trials, 2, 10))
+    probabilities[:, 0, :3] = (0.40, 0.35, 0.25)
+    probabilities[:, 1, 0] = 1.0
+    settings = dict(sigmas=(0.5, 0.25), n_select=20, n=4096, alpha=ALPHA, strategy="adaptive")
+    def run(target: float):
+        return run_adaptive(MultinomialVotes(probabilities, seed=41), trials,
+                            CertifyConfig(**settings, target_radii=(target,)))
+
+    far = run(0.5)
+    assert not far.consulted[:, 1].any() and far.estimate_counts.sum() == trials * round_ends(4096)[0]
+    near = run(0.05)
+    assert near.consulted[:, 1].mean() > 0.9 and (near.result.radius == 0.05).mean() > 0.9
+
+
 @pytest.mark.parametrize("routing", ["cascade", "continue", "best"])
 def test_target_radius_cascade_claims_at_most_alpha(routing: str) -> None:
     """The three-scale analytic cascade, every routing, targets just above the true radii of its
