@@ -18,6 +18,7 @@ from pipeline.config import CertifyConfig
 from pipeline.distributed.ray_init import init_ray
 from pipeline.distributed.run import DatasetFor, ExecutionConfig, sample_counts
 from pipeline.models.spec import ModelSource
+from pipeline.stats.sequential_cascade import STOPPING_RULES
 from pipeline.store.atomic import write_bytes, write_parquet
 from pipeline.store.run_config import check_resume, join, shard_metadata, write_image_ids
 
@@ -95,6 +96,8 @@ def sample_run(out: str, config: CertifyConfig, inputs: dict, image_ids: np.ndar
     one Ray Data execution; OUT is prepared and the models checked. Returns the configuration of the
     run over these images and the ids with counts on disk."""
     config = config.for_images(len(image_ids))
+    if config.strategy == "adaptive":  # the stopping rules decide the counts too
+        inputs = {**inputs, "stopping_rules": STOPPING_RULES}
     settings = {**config.to_dict(), "inputs": inputs}
     check_resume(out, settings, resume)  # only once the models load: a failed start leaves OUT empty
     write_image_ids(out, image_ids)

@@ -250,6 +250,14 @@ one (also on the 100 held-out images after them, at R = 0.25 and 0.5), for 8–4
 (docs/adaptive.md)."""
 
 
+STOPPING_RULES = (f"futility at {FUTILITY_STANDARD_ERRORS:g} standard errors; an image stops where falling "
+                  f"through leads nowhere")
+"""What an adaptive run's counts depend on beyond its configuration: the stopping rules of this module.
+Recorded with the run's settings (pipeline/app/certify.py), so that `--resume` refuses to finish, under
+other rules, a run whose first shards were sampled under these (its counts would then depend on the
+resume). Say here what changed whenever the rules change."""
+
+
 def _radii_at_n_max(now: _Stage, earlier: np.ndarray, sigmas: np.ndarray, stage: int, level: float, p0: float,
                     n_max: int) -> tuple[np.ndarray, np.ndarray]:
     """(projected, optimistic): the capped radius were every stage sampled to n_max.
