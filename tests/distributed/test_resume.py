@@ -3,7 +3,7 @@
 A resume that finds half-written or garbage shards, one that finds what a killed run leaves, and a run
 whose actor dies once mid-batch must all end with exactly the counts and results of an uninterrupted run:
 noise is counter-seeded, shards are content-named and written atomically, and Ray retries a dead actor's
-batch (here in an adaptive run; a fixed-n run's actor dies with its node in
+batch (here in a resumed adaptive run; a fixed-n run's actor dies with its node in
 tests/distributed/test_node_loss.py). A real `jobs/certify.py` process SIGKILLed mid-run and resumed:
 tests/jobs/test_object_storage_jobs.py (its --out on the S3-protocol server). Everything here runs in
 this process on the session's Ray (cheaper on two cores).
@@ -144,26 +144,15 @@ def target_radius_run(tmp_path_factory, digits_cache, ray_session) -> Path:
     return out
 
 
-def test_actor_killed_mid_batch_gives_the_clean_counts_with_adaptive_sampling(tmp_path, target_radius_run,
-                                                                               monkeypatch, capfd):
-    """The adaptive strategy runs in the same actor: a retried batch must also rewrite identical shards."""
-    out, marker = tmp_path / "out", tmp_path / "actor-died"
-    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
-
-    code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(out))
-
-    assert code == 0, err
-    assert marker.exists(), "the injected failure never fired"
-    assert_same_run(out, target_radius_run)
-
-
 def test_target_radius_run_resumes_and_reduces(tmp_path, target_radius_run, monkeypatch, capfd):
-    """`--adaptive --target-radius`: a run stopped after its first batch and resumed equals an uninterrupted
-    one, and jobs/reduce.py recomputes its results from the counts alone. The stop is what a SIGKILL
-    leaves (the run's config and the whole shards of finished batches; a real SIGKILL:
-    tests/jobs/test_object_storage_jobs.py). The run records its stopping rules with its settings, so a
-    resume under another version's rules is refused like any other changed input (the test above)."""
-    out = tmp_path / "out"
+    """`--adaptive --target-radius`: a run stopped after its first batch and resumed, with one of the resumed
+    run's actors killed mid-batch (its batch is retried: the adaptive strategy runs in the same actor and
+    must rewrite identical shards), equals an uninterrupted one, and jobs/reduce.py recomputes its results
+    from the counts alone. The stop is what a SIGKILL leaves (the run's config and the whole shards of
+    finished batches; a real SIGKILL: tests/jobs/test_object_storage_jobs.py). The run records its
+    stopping rules with its settings, so a resume under another version's rules is refused like any
+    other changed input (the test above)."""
+    out, marker = tmp_path / "out", tmp_path / "actor-died"
     (out / "counts").mkdir(parents=True)
     shutil.copy(target_radius_run / "run_config.json", out)
     assert json.loads((out / "run_config.json").read_text())["inputs"]["stopping_rules"] == STOPPING_RULES
@@ -171,9 +160,11 @@ def test_target_radius_run_resumes_and_reduces(tmp_path, target_radius_run, monk
     shutil.copy(first, out / "counts")
     assert read_shards(str(out / "counts")).num_rows < sorted_counts(target_radius_run).num_rows
 
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))
     code, err = run_certify(monkeypatch, capfd, *TARGET_RADIUS, "--out", str(out), "--resume")
 
     assert code == 0, err
+    assert marker.exists(), "the injected failure never fired"
     assert_same_run(out, target_radius_run)
     reduced = tmp_path / "reduced.parquet"
     done = subprocess.run([sys.executable, "jobs/reduce.py", str(out / "counts"), "--out", str(reduced)],
