@@ -387,6 +387,7 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: BenchmarkImages, radius
         "alpha": config.alpha, "sigmas": list(config.sigmas),
         "projection": {"images": PROJECTED_IMAGENET_IMAGES, "a100_seconds_per_forward": A100_SECONDS_PER_FORWARD},
         "radius_tolerance": radius_tolerance, "target_radii": list(target_radii),
+        "general_mode_radii": [f"{r:g}" for r in GENERAL_MODE_RADII],
         "fixed": {**_accuracy(fixed, work, radii), "wall_s": fixed_s, "wall_s_source": fixed_s_source},
         "adaptive": summary(general, GENERAL_MODE_RADII),
         "target_radius": {name: summary(outcome, [float(r) for r in name.split(",")])

@@ -180,6 +180,7 @@ def _adaptive_rows(adaptive: dict) -> list[str]:
     """Forward passes as "× fewer than fixed n" and certified images out of `images`, next to the targets;
     each run's forward passes per image at each scale and their projected GPU-hours."""
     fixed, general, images = adaptive["fixed"], adaptive["adaptive"], adaptive["images"]
+    held_to = adaptive["general_mode_radii"]  # where the general mode is held to fixed n's certified images
     within = f"within {TARGETS['accuracy_images']} image"
     first = adaptive.get("first_image", 0)
     chosen = f"{images} images" + (f" from test image {first}" if first else "")
@@ -189,10 +190,9 @@ def _adaptive_rows(adaptive: dict) -> list[str]:
             f"({general['forward_passes']:,}); wall time (estimated) {general['wall_s_estimated']:.0f} s | "
             f"{_times_fewer(general)} fewer | ≥ {TARGETS['adaptive_times_fewer']:g}× |",
             _bound_row("general adaptive", general), _cost_row(f"fixed n={adaptive['n_max']}", fixed, adaptive), _cost_row("general adaptive", general, adaptive)]
-    for radius in fixed["certified_images"]:
-        if float(radius) <= 0.75:
-            rows.append(f"| general adaptive: certified images at r={radius} (fixed → adaptive) | "
-                        f"{_images(fixed, general, radius)} | {within} |")
+    for radius in held_to:
+        rows.append(f"| general adaptive: certified images at r={radius} (fixed → adaptive) | "
+                    f"{_images(fixed, general, radius)} | {within} |")
     rows.append(f"| general adaptive: ACR (fixed → adaptive) | {fixed['acr']:.3f} → {general['acr']:.3f} | |")
     for name, run in adaptive["target_radius"].items():
         radii = name.split(",")
@@ -206,9 +206,9 @@ def _adaptive_rows(adaptive: dict) -> list[str]:
             rows.append(f"| --target-radius {' '.join(radii)}: certified images at r={radius} (fixed → target) | "
                         f"{_images(fixed, run, radius)} | {within if target else ''} |")
     for tolerance, other in adaptive["tolerance_sweep"].items():
-        images_at = " / ".join(str(other["certified_images"][r]) for r in ("0", "0.25", "0.5", "0.75"))
-        rows.append(f"| radius tolerance {tolerance}: × fewer forward passes; certified images at r=0 / 0.25 / 0.5 / "
-                    f"0.75; ACR | {_times_fewer(other)}; {images_at}; {other['acr']:.3f} | |")
+        images_at = " / ".join(str(other["certified_images"][r]) for r in held_to)
+        rows.append(f"| radius tolerance {tolerance}: × fewer forward passes; certified images at r={' / '.join(held_to)}"
+                    f"; ACR | {_times_fewer(other)}; {images_at}; {other['acr']:.3f} | |")
     return rows
 
 

@@ -96,6 +96,10 @@ def test_benchmark_quick_writes_json_and_table(tmp_path: Path) -> None:
         assert run["fewest_forward_passes"]["forward_passes"] >= 2 * 16  # at least the selection samples
     table = (tmp_path / "benchmark.md").read_text()
     assert "fewest forward passes any valid sequential test" in table
+    # the general mode is held to fixed n at the radii the report lists, not at every reported radius
+    assert adaptive["general_mode_radii"] == ["0", "0.25", "0.5", "0.75"]
+    assert "general adaptive: certified images at r=0.75 " in table
+    assert "general adaptive: certified images at r=1 " not in table
     assert table.startswith("| measurement | measured | target |") and table in result.stdout
 
 
