@@ -168,9 +168,16 @@ def test_benchmark_writes_out_and_its_vote_cache_to_urls(s3_url, one_torch_threa
     assert set(objects_under(f"{s3_url}/cache")) == {"votes.npz", "votes.npz.json"}
 
     benchmark(build_parser().parse_args(flags))
-    second = json.loads(objects_under(f"{s3_url}/bench")["benchmark.json"])["adaptive"]
-    assert second["fixed"]["wall_s_source"] == "measured when votes.npz was filled"
-    assert second["per_image"] == first["per_image"]
+    written = objects_under(f"{s3_url}/bench")
+    second = json.loads(written["benchmark.json"])
+    assert second["adaptive"]["fixed"]["wall_s_source"] == "measured when votes.npz was filled"
+    assert second["adaptive"]["per_image"] == first["per_image"]
+
+    # votes drawn in one arithmetic are not read by a run in the other (they differ near class boundaries)
+    other = {"bf16": "fp32", "fp32": "bf16"}[second["settings"]["precision"]]
+    with pytest.raises(UserError, match="holds votes for other settings"):
+        benchmark(build_parser().parse_args([*flags, "--precision", other]))
+    assert objects_under(f"{s3_url}/bench") == written  # the refused run wrote nothing
 
 
 def test_benchmark_loads_its_denoiser_from_a_url(digits_cache, s3_url, tmp_path):

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target-radius runs to compare (repeatable; default 0.25, 0.5, 0.75): each R alone, "
                              "then all together")
     parser.add_argument("--vote-cache", help="adaptive vs fixed n: .npz of the votes drawn, a local path or an fsspec "
-                        "URL (read if present, written after): re-evaluate the rules without re-running the network")
+                        "URL (read if present, written after): re-evaluate the rules without re-running the network; a file "
+                        "drawn with other settings or another --precision is refused")
     parser.add_argument("--tolerance-sweep", default="0,0.01,0.02,0.1",
                         help="comma-separated further radius tolerances to evaluate on the same votes ('' for none)")
     memory = parser.add_argument_group("memory at ImageNet scale (each measured in a fresh process; together or alone)")

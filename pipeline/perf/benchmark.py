@@ -317,19 +317,20 @@ def fewest_forward_passes(fixed: SamplingOutcome, work: BenchmarkImages, radii: 
             "left_out_image": int(work.image_ids[left_out]), "level": level}
 
 
-def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, device: torch.device,
+def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, fused: FusedDenoiseClassify,
                  vote_cache: Path | None) -> tuple[SamplingOutcome, float, str]:
     """The fixed-n run (the baseline every adaptive run shares its votes with) and its wall time.
 
     With `vote_cache`, the votes a previous run drew are loaded (their file records the settings and
     the measured wall time of the fixed run that drew them) and the votes drawn now are saved there:
     the fixed n = 10,000 run on 100 images is ~1M forward passes, which on a shared 2-core machine is
-    hours, and the adaptive rules can then be re-evaluated on exactly the same votes."""
+    hours, and the adaptive rules can then be re-evaluated on exactly the same votes. The record holds
+    the arithmetic too: bf16 and fp32 votes differ near class boundaries (on digits, one or two votes in a
+    third of the chunks of 64), so a file is only read by a run of the same precision."""
     config = work.config
     settings = {"images": len(work.images), "sigmas": list(config.sigmas), "n_select": config.n_select, "n": config.n,
-                "seed": config.seed, "alpha": config.alpha}
-    if work.image_ids[0] != 0:  # files of the first images, written before there was a choice, stay readable
-        settings["first_image"] = int(work.image_ids[0])
+                "seed": config.seed, "alpha": config.alpha, "first_image": int(work.image_ids[0]),
+                "precision": fused.precision}
     record = vote_cache.with_name(vote_cache.name + ".json") if vote_cache is not None else None
     if record is not None and record.is_file():
         stored = json.loads(record.read_text())
@@ -338,7 +339,7 @@ def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, device: torch.
         source.load(vote_cache)
         fixed = run_fixed(source, len(work.images), config)
         return fixed, stored["fixed_wall_s"], f"measured when {vote_cache.name} was filled"
-    fixed, seconds = timed(lambda: run_fixed(source, len(work.images), config), device)
+    fixed, seconds = timed(lambda: run_fixed(source, len(work.images), config), fused.device)
     if record is not None:
         source.save(vote_cache)
         record.write_text(json.dumps({"settings": settings, "fixed_wall_s": seconds}, indent=2))
@@ -360,7 +361,7 @@ def adaptive_vs_fixed(fused: FusedDenoiseClassify, work: BenchmarkImages, radius
     source = CachedVoteSource(FusedVoteSource(fused, work.images, work.image_ids, config.sigmas, work.samples,
                                               config.seed))
     count = len(work.images)
-    fixed, fixed_s, fixed_s_source = _fixed_votes(source, work, fused.device, vote_cache)
+    fixed, fixed_s, fixed_s_source = _fixed_votes(source, work, fused, vote_cache)
     per_forward_s = fixed_s / fixed.forward_passes
 
     def adaptive(**options) -> SamplingOutcome:
