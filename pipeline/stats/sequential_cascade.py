@@ -246,7 +246,7 @@ passes than fixed n = 10,000 with p̄_t, 25× with one standard error, same cert
 not 1: the check runs after every round, so an image whose rate is just above what R needs is given up
 whenever one look falls a standard error short (a 16 % chance per look); with one standard error two
 images per target radius were lost against fixed n on the first 100 digits test images, and with 1.5
-one (also on the 100 held-out images after them, at R = 0.25 and 0.5), for 8–45 % more forward passes
+one, for 8–45 % more forward passes; on the 100 held-out images after them both certify the same images
 (docs/adaptive.md)."""
 
 
