@@ -325,7 +325,7 @@ def _fixed_votes(source: CachedVoteSource, work: BenchmarkImages, fused: FusedDe
     the measured wall time of the fixed run that drew them) and the votes drawn now are saved there:
     the fixed n = 10,000 run on 100 images is ~1M forward passes, which on a shared 2-core machine is
     hours, and the adaptive rules can then be re-evaluated on exactly the same votes. The record holds
-    the arithmetic too: bf16 and fp32 votes differ near class boundaries (on digits, one or two votes in a
+    the arithmetic too: bf16 and fp32 votes differ near class boundaries (on digits, a vote in about a
     third of the chunks of 64), so a file is only read by a run of the same precision."""
     config = work.config
     settings = {"images": len(work.images), "sigmas": list(config.sigmas), "n_select": config.n_select, "n": config.n,
